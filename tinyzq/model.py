@@ -1,0 +1,240 @@
+"""The transformer forward pass (Llama / Qwen2 / Mistral family) in NumPy.
+
+Linear layers are objects with one small interface (see `FloatLinear` and `tinyzq.quant.packed.PackedLinear`):
+`lin(x)` multiplies `[..., in]` activations, `lin.rows(a, b)` returns fp32 weight rows `a:b` (lm_head tiles),
+`lin.take(ids)` returns fp32 rows (embedding lookup). The model neither knows nor cares whether a weight
+is float or packed 2/3/4/8-bit: training and deployment run this same code on the same weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+
+
+# The seven projections of a decoder block, in Hugging Face naming; these are what gets quantized.
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def weight_shapes(cfg: ModelConfig) -> dict:
+    """Every tensor the model needs (Hugging Face names) and its shape."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                       p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+                       p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                       p + "mlp.down_proj.weight": (d, f)})
+        if cfg.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    return shapes
+
+
+def is_block_linear(name: str) -> bool:
+    return name.startswith("model.layers.") and name.endswith(".weight") and \
+        any(name.endswith(s + ".weight") for s in BLOCK_LINEARS)
+
+
+class FloatLinear:
+    """fp32 `y = x @ W.T (+ b)`; W is [out, in] (Hugging Face layout)."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None):
+        self.weight = np.ascontiguousarray(weight, dtype=np.float32)
+        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        self.out_features, self.in_features = self.weight.shape
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = x @ self.weight.T
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.weight[start:stop]
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        return self.weight[ids]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+    return (x * (1.0 / np.sqrt(var + eps))).astype(np.float32, copy=False) * w
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    # x * sigmoid(x), written to stay finite for large |x| in fp32
+    return x / (1.0 + np.exp(-np.clip(x, -80.0, 80.0)))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies with the rope scaling of the config (none, linear, llama3)."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return inv / float(rs["factor"])
+    if kind == "llama3":
+        factor = float(rs["factor"])
+        lo, hi = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+        old = float(rs["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE (Hugging Face layout). x: [B, H, T, hd]; cos/sin: [T, hd/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray
+    q: object
+    k: object
+    v: object
+    o: object
+    mlp_norm: np.ndarray
+    gate: object
+    up: object
+    down: object
+
+
+class KVCache:
+    """Keys/values of past positions, per layer: [B, n_kv, max_len, hd] fp32."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(cfg.num_hidden_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(cfg.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+
+class Transformer:
+    """Decoder-only transformer. `weights` maps Hugging Face tensor names to linears / fp32 arrays."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict):
+        self.cfg = cfg
+        self.weights = weights
+        L = "model.layers.{}."
+        self.embed = weights["model.embed_tokens.weight"]
+        self.layers = [
+            Layer(
+                attn_norm=weights[L.format(i) + "input_layernorm.weight"],
+                q=weights[L.format(i) + "self_attn.q_proj.weight"],
+                k=weights[L.format(i) + "self_attn.k_proj.weight"],
+                v=weights[L.format(i) + "self_attn.v_proj.weight"],
+                o=weights[L.format(i) + "self_attn.o_proj.weight"],
+                mlp_norm=weights[L.format(i) + "post_attention_layernorm.weight"],
+                gate=weights[L.format(i) + "mlp.gate_proj.weight"],
+                up=weights[L.format(i) + "mlp.up_proj.weight"],
+                down=weights[L.format(i) + "mlp.down_proj.weight"],
+            )
+            for i in range(cfg.num_hidden_layers)
+        ]
+        self.norm = weights["model.norm.weight"]
+        self.head = weights.get("lm_head.weight", self.embed) if not cfg.tie_word_embeddings else self.embed
+        self.inv_freq = rope_inv_freq(cfg)
+
+    # --- the forward pass -------------------------------------------------------------------------
+    def hidden(self, tokens: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
+        """Final-normed hidden states [B, T, d] for int tokens [B, T] (appended to `cache` if given)."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        B, T = tokens.shape
+        pos0 = cache.length if cache is not None else 0
+        if cache is not None and pos0 + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {pos0 + T} needed")
+        ang = np.arange(pos0, pos0 + T, dtype=np.float64)[:, None] * self.inv_freq[None, :]
+        cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        x = self.embed.take(tokens.reshape(-1).astype(np.int64)).reshape(B, T, -1).astype(np.float32, copy=False)
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(i, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps), cos, sin, cache, pos0)
+            h = rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps)
+            x = x + layer.down(silu(layer.gate(h)) * layer.up(h))
+        if cache is not None:
+            cache.length = pos0 + T
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def _attention(self, i, layer, h, cos, sin, cache, pos0):
+        cfg = self.cfg
+        B, T, _ = h.shape
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = layer.q(h).reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
+        k = layer.k(h).reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
+        v = layer.v(h).reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[i][:, :, pos0:pos0 + T] = k
+            cache.v[i][:, :, pos0:pos0 + T] = v
+            k, v = cache.k[i][:, :, :pos0 + T], cache.v[i][:, :, :pos0 + T]
+        S = k.shape[2]
+        # grouped-query attention: query heads of one KV head share its keys/values
+        q = q.reshape(B, nkv, nh // nkv, T, hd)
+        scores = (q @ k[:, :, None].swapaxes(-1, -2)) * np.float32(1.0 / math.sqrt(hd))
+        if T > 1:  # causal: query at absolute position pos0+t sees keys 0..pos0+t
+            mask = np.arange(S)[None, :] > (pos0 + np.arange(T))[:, None]
+            scores[..., mask] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = (scores @ v[:, :, None]).reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
+        return layer.o(np.ascontiguousarray(out))
+
+    # --- heads ------------------------------------------------------------------------------------
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """Full logits for a few positions only (generation): h [..., d] -> [..., vocab]."""
+        return self.head(np.ascontiguousarray(h, dtype=np.float32))
+
+    def token_nll(self, h: np.ndarray, targets: np.ndarray, tile: int = 4096) -> np.ndarray:
+        """Per-token negative log-likelihood (fp64) of `targets` given hidden states h [N, d].
+
+        The vocabulary is processed in tiles of lm_head rows with an online log-sum-exp, so the
+        [N, vocab] logits never exist at once (and a packed head is dequantized one tile at a time).
+        """
+        h = np.ascontiguousarray(h.reshape(-1, h.shape[-1]), dtype=np.float32)
+        targets = np.asarray(targets).reshape(-1)
+        n, V = h.shape[0], self.head.out_features
+        run_max = np.full(n, -np.inf)
+        run_sum = np.zeros(n)
+        target_logit = np.zeros(n)
+        for a in range(0, V, tile):
+            b = min(V, a + tile)
+            z = h @ self.head.rows(a, b).T  # [n, tile] fp32
+            m = np.maximum(run_max, z.max(axis=1))
+            run_sum = run_sum * np.exp(run_max - m) + np.exp(z - m[:, None].astype(np.float32)).sum(axis=1, dtype=np.float64)
+            run_max = m
+            hit = (targets >= a) & (targets < b)
+            target_logit[hit] = z[hit, targets[hit] - a]
+        return run_max + np.log(run_sum) - target_logit
+
+    def sequence_nll(self, tokens: np.ndarray) -> tuple[float, int]:
+        """Summed next-token NLL and prediction count over a batch of windows [B, T] (no carried context)."""
+        tokens = np.atleast_2d(tokens)
+        h = self.hidden(tokens)
+        nll = self.token_nll(h[:, :-1], tokens[:, 1:])
+        return float(nll.sum()), int(nll.size)
