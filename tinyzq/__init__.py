@@ -1,0 +1,18 @@
+"""tinyzq: run and train 2/3/4-bit LLMs on plain CPUs (NumPy + small C kernels, no torch).
+
+    import tinyzq
+    m = tinyzq.load("model.gguf")                 # or a Hugging Face dir, or a .tzq dir
+    q = tinyzq.quantize("model.gguf", "w3.tzq", bits=3, group=64)
+    print(q.generate("What is the capital of France?", chat=True))
+"""
+from .errors import TinyzqError
+
+__version__ = "0.1.0"
+__all__ = ["load", "convert", "quantize", "Model", "TinyzqError", "__version__"]
+
+
+def __getattr__(name):  # import the API lazily so `import tinyzq` stays cheap
+    if name in ("load", "convert", "quantize", "Model"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(name)

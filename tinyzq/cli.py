@@ -1,0 +1,193 @@
+"""`tinyzq` command line: a thin layer over tinyzq.api. User mistakes are one-line errors (exit 2)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import TinyzqError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(kind):
+    def parse(v):
+        try:
+            x = kind(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+        if x <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+        return x
+    return parse
+
+
+def _nonneg(kind):
+    def parse(v):
+        try:
+            x = kind(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+        if x < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+        return x
+    return parse
+
+
+def write_json(path: str, obj) -> None:
+    from .io.atomic import atomic_file
+
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _eval_text(args):
+    """The evaluation text: --text FILE, or the default corpus's validation slice."""
+    from . import data
+
+    if args.text:
+        return data.read_text(args.text), args.text
+    return data.split_text(data.default_text())[1], "default corpus (pydoc_data.topics), validation slice"
+
+
+# --- subcommands -------------------------------------------------------------------------------------
+def cmd_info(args):
+    from . import kernels
+
+    print(f"isa: {kernels.isa()}  (available: {', '.join(kernels.available_isas())}; force with TINYZQ_ISA)")
+    print(f"threads: {kernels.get_threads()}  (set with TINYZQ_THREADS)")
+    feats = kernels.cpu_features()
+    print("cpu features: " + (" ".join(k for k, v in sorted(feats.items()) if v) or "none"))
+    if args.model:
+        from .api import load
+
+        for k, v in load(args.model).describe().items():
+            print(f"{k}: {v}")
+
+
+def cmd_convert(args):
+    from .api import convert
+
+    info = convert(args.src, args.out, dtype=args.dtype)
+    print(f"wrote {args.out} ({info['params'] / 1e6:.1f} M parameters, {args.dtype})")
+
+
+def cmd_quantize(args):
+    from .api import quantize
+
+    m = quantize(args.src, args.out, args.bits, args.group, args.method)
+    d = m.describe()
+    print(f"wrote {args.out}: W{args.bits}g{args.group} {args.method}, {d['packed_tensors']} packed tensors, "
+          f"{d['weight_mb']:.1f} MiB of weights, embeddings/lm_head 8-bit g32 "
+          f"({m.meta.get('quantize_seconds')} s)")
+
+
+def cmd_eval(args):
+    from . import api
+
+    m = api.load(args.model)
+    text, label = _eval_text(args)
+    r = m.perplexity(text, ctx=args.ctx, max_windows=args.max_windows, batch=args.batch, progress=True)
+    r.update({"model": args.model, "text": label})
+    print(f"ppl {r['ppl']:.4f}  ({r['windows']} windows x {r['ctx']} tokens, {r['tokens_per_s']:.0f} tok/s, "
+          f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB)")
+    if args.json:
+        write_json(args.json, r)
+
+
+def cmd_generate(args):
+    from . import api
+
+    m = api.load(args.model)
+    for piece in m.stream(args.prompt, args.n, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          chat=args.chat):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tinyzq", description="Run and train 2/3/4-bit LLMs on CPUs (NumPy + C kernels, no torch).")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("info", help="CPU features, chosen kernel path, and a model's facts")
+    s.add_argument("model", nargs="?")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("convert", help="GGUF file or Hugging Face directory -> float .tzq directory")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("quantize", help="quantize decoder linears to 2/3/4 bits (embeddings 8-bit)")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.add_argument("--bits", type=int, choices=[2, 3, 4, 8], required=True)
+    s.add_argument("--group", type=_positive(int), default=64)
+    s.add_argument("--method", default="search", help="rtn | search (default: search)")
+    s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("eval", help="perplexity on a text (non-overlapping windows, documented protocol)")
+    s.add_argument("model")
+    s.add_argument("--text", help="UTF-8 .txt or .jsonl with a 'text' field (default: the default corpus's validation slice)")
+    s.add_argument("--ctx", type=_positive(int), default=512)
+    s.add_argument("--max-windows", type=_positive(int), default=64)
+    s.add_argument("--batch", type=_positive(int), default=4, help="windows per forward pass")
+    s.add_argument("--json", help="also write the result to this JSON file")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("generate", help="stream a completion (temperature 0 = greedy, deterministic)")
+    s.add_argument("model")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("-n", type=_positive(int), default=128, help="new tokens at most")
+    s.add_argument("--temperature", type=_nonneg(float), default=0.0)
+    s.add_argument("--top-p", type=_positive(float), default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("demo", help="the whole pipeline on the bundled SmolLM2-135M and the default text")
+    s.add_argument("--out", default="demo-out")
+    s.add_argument("--model", help="GGUF / HF dir to use instead of the bundled SmolLM2")
+    s.add_argument("--bits", default="4,3,2", help="comma-separated bit widths (default 4,3,2)")
+    s.add_argument("--group", type=_positive(int), default=64)
+    s.add_argument("--method", default="search")
+    s.add_argument("--ctx", type=_positive(int), default=512)
+    s.add_argument("--max-windows", type=_positive(int), default=64)
+    s.add_argument("-n", type=_positive(int), default=48, help="new tokens per answer")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TinyzqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as e:  # disk full, permissions, invalid values reaching the kernels
+        if os.environ.get("TINYZQ_DEBUG"):
+            raise
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
