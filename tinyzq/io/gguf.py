@@ -72,9 +72,10 @@ class GGUFFile:
             raise TinyzqError(f"{path}: cannot memory-map: {e}") from None
         self.size = size
         mm = self._mm
-        if mm[:4] != GGUF_MAGIC:
+        magic = bytes(mm[:4])
+        if magic != GGUF_MAGIC:
             self.close()
-            raise TinyzqError(f"{path}: not a GGUF file (bad magic {bytes(mm[:4])!r}, expected b'GGUF')")
+            raise TinyzqError(f"{path}: not a GGUF file (bad magic {magic!r}, expected b'GGUF')")
         try:
             self._parse()
         except _Corrupt as e:
