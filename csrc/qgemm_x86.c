@@ -1,0 +1,430 @@
+/*
+ * qgemm_x86.c -- AVX2 (maddubs/madd) and AVX-512 VNNI (dpbusd) variants of the row kernels.
+ *
+ * Compiled with real code only into tinyzq._tzq_avx2 (TZQ_ISA_AVX2: -mavx2 -mfma -mf16c) and
+ * tinyzq._tzq_avx512 (TZQ_ISA_AVX512: + -mavx512f -mavx512bw -mavx512vl -mavx512vnni); in every
+ * other module this file is empty. The AVX-512 variant uses the same 256-bit data layout and
+ * only replaces maddubs+madd by vpdpbusd, so its integer block sums are identical to AVX2's and
+ * its float results are bit-identical to AVX2's.
+ *
+ * Dequantization: 8 outputs at a time: broadcast the 32-bit word that holds their codes,
+ * variable right shifts (vpsrlvd) put each code at the bottom of its lane, mask, convert,
+ * then (q - z) * s -- a subtraction and a multiplication, no FMA, so the result is bit-identical
+ * to the scalar reference.
+ *
+ * Product: the activation side is prepared once per call (it is shared by all weight rows):
+ * quantized activations are permuted to match the byte order of the packed codes, so a "step"
+ * of 32 code bytes needs only shifts and masks:
+ *   4-bit, step = 64 inputs  (2 blocks):  x_even[32] x_odd[32]; int32 lanes = [b0 x4, b1 x4]
+ *   2/3-bit, step = 128 inputs (4 blocks): x_t[k] = xi[4k+t], t = 0..3; lanes = [b0,b0,b1,b1,..]
+ *   8-bit, step = 32 inputs (1 block):   xi as int16 (AVX2: vpmovzxbw + vpmaddwd, because
+ *                                         maddubs would saturate at 255*127*2) or int8 (VNNI)
+ * For 3-bit the bit-2 plane (16 bytes per step) is expanded to one nibble per byte and turned
+ * into 0/4 with a vpshufb table per t. Each step's int32 sums are converted to fp32 and
+ * accumulated with FMA against a per-lane multiplier d_b * s_g (d_b from the prepared
+ * activations, s_g broadcast, or gathered with vpermps when a step straddles groups); the zero
+ * points are applied once per row as sum_g s_g * z_g * sx_g. The last step of a row is read from
+ * a zero-padded copy when the row does not fill it (the padded activations are 0 and d_b = 0).
+ * Activation rows are processed in tiles of up to 4 per pass over a weight row, so each weight
+ * row is read from memory once per call.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "tzq_internal.h"
+
+#if TZQ_KERN_X86
+
+#include <immintrin.h>
+
+#if defined(TZQ_ISA_AVX512)
+#define TZQ_VNNI 1
+#else
+#define TZQ_VNNI 0
+#endif
+
+static inline uint32_t ld_u32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline uint32_t ld_u16(const uint8_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* ------------------------------------------------------------------ dequantize */
+
+TZQ_INLINE void store_deq(float *out, __m256i q, __m256 zv, __m256 sv)
+{
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), zv), sv));
+}
+
+static void deq4(const uint8_t *row, const float *s, const float *z, int64_t cols, int group,
+                 float *out)
+{
+    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), m = _mm256_set1_epi32(15);
+    for (int64_t g = 0; g < cols / group; g++) {
+        const __m256 sv = _mm256_set1_ps(s[g]), zv = _mm256_set1_ps(z[g]);
+        for (int64_t j = g * group; j < (g + 1) * group; j += 16) {
+            const __m256i w0 = _mm256_set1_epi32((int)ld_u32(row + j / 2));
+            const __m256i w1 = _mm256_set1_epi32((int)ld_u32(row + j / 2 + 4));
+            store_deq(out + j, _mm256_and_si256(_mm256_srlv_epi32(w0, sh), m), zv, sv);
+            store_deq(out + j + 8, _mm256_and_si256(_mm256_srlv_epi32(w1, sh), m), zv, sv);
+        }
+    }
+}
+
+static void deq2(const uint8_t *row, const float *s, const float *z, int64_t cols, int group,
+                 float *out)
+{
+    const __m256i sh0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i sh1 = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+    const __m256i m = _mm256_set1_epi32(3);
+    for (int64_t g = 0; g < cols / group; g++) {
+        const __m256 sv = _mm256_set1_ps(s[g]), zv = _mm256_set1_ps(z[g]);
+        for (int64_t j = g * group; j < (g + 1) * group; j += 16) {
+            const __m256i w = _mm256_set1_epi32((int)ld_u32(row + j / 4));
+            store_deq(out + j, _mm256_and_si256(_mm256_srlv_epi32(w, sh0), m), zv, sv);
+            store_deq(out + j + 8, _mm256_and_si256(_mm256_srlv_epi32(w, sh1), m), zv, sv);
+        }
+    }
+}
+
+static void deq3(const uint8_t *row, const float *s, const float *z, int64_t cols, int group,
+                 float *out)
+{
+    const __m256i sh0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i sh1 = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+    const __m256i hs0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i hs1 = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256i m = _mm256_set1_epi32(3), one = _mm256_set1_epi32(1);
+    const uint8_t *hi = row + cols / 4;
+    for (int64_t g = 0; g < cols / group; g++) {
+        const __m256 sv = _mm256_set1_ps(s[g]), zv = _mm256_set1_ps(z[g]);
+        for (int64_t j = g * group; j < (g + 1) * group; j += 16) {
+            const __m256i w = _mm256_set1_epi32((int)ld_u32(row + j / 4));
+            const __m256i h = _mm256_set1_epi32((int)ld_u16(hi + j / 8));
+            const __m256i h0 = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(h, hs0), one), 2);
+            const __m256i h1 = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(h, hs1), one), 2);
+            store_deq(out + j, _mm256_or_si256(_mm256_and_si256(_mm256_srlv_epi32(w, sh0), m), h0), zv, sv);
+            store_deq(out + j + 8, _mm256_or_si256(_mm256_and_si256(_mm256_srlv_epi32(w, sh1), m), h1), zv, sv);
+        }
+    }
+}
+
+static void deq8(const uint8_t *row, const float *s, const float *z, int64_t cols, int group,
+                 float *out)
+{
+    for (int64_t g = 0; g < cols / group; g++) {
+        const __m256 sv = _mm256_set1_ps(s[g]), zv = _mm256_set1_ps(z[g]);
+        for (int64_t j = g * group; j < (g + 1) * group; j += 16) {
+            const __m128i w = _mm_loadu_si128((const __m128i *)(row + j));
+            store_deq(out + j, _mm256_cvtepu8_epi32(w), zv, sv);
+            store_deq(out + j + 8, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(w, w)), zv, sv);
+        }
+    }
+}
+
+void tzq_x86_dequant_row(const uint8_t *row, const float *s, const float *z, int64_t cols,
+                         int bits, int group, float *out)
+{
+    switch (bits) {
+    case 4: deq4(row, s, z, cols, group, out); break;
+    case 2: deq2(row, s, z, cols, group, out); break;
+    case 3: deq3(row, s, z, cols, group, out); break;
+    default: deq8(row, s, z, cols, group, out); break;
+    }
+}
+
+/* ------------------------------------------------------------------ product */
+
+typedef struct {
+    int S;                 /* 32-blocks per step */
+    int uniform;           /* every step lies inside one group */
+    int64_t nsteps, full;  /* steps per row; steps fully inside the row (nsteps - full <= 1) */
+    int64_t xstride;       /* bytes of prepared activations per step */
+    int8_t *xs;            /* [n][nsteps][xstride] */
+    float *dv;             /* [n][nsteps][8] d_b of each int32 lane's block */
+    int32_t *g0;           /* [nsteps] group of the step's first block */
+    int32_t *lidx;         /* [nsteps][8] group of each lane, relative to g0 */
+    int32_t *lmask;        /* [nsteps][8] -1 where g0 + lane < ng (for maskload) */
+    void *mem;
+} x86_prep;
+
+static int lane_block(int bits, int lane)
+{
+    return bits == 4 ? lane / 4 : bits == 8 ? 0 : lane / 2;
+}
+
+static size_t align32(size_t v) { return (v + 31) & ~(size_t)31; }
+
+int tzq_x86_qmm_prepare(tzq_qmm *m)
+{
+    x86_prep *p;
+    size_t off_xs, off_dv, off_g0, off_li, off_lm, total;
+    char *base;
+    const int bits = m->bits;
+    const int64_t n = m->n, cols = m->cols, nb = m->nb, ng = m->ng;
+
+    p = (x86_prep *)calloc(1, sizeof(x86_prep));
+    if (!p) return TZQ_ENOMEM;
+    p->S = bits == 4 ? 2 : bits == 8 ? 1 : 4;
+    p->nsteps = (nb + p->S - 1) / p->S;
+    p->full = nb / p->S;
+    p->uniform = m->group % (32 * p->S) == 0;
+    p->xstride = bits == 8 ? (TZQ_VNNI ? 32 : 64) : 32 * p->S;
+
+    off_xs = 0;
+    off_dv = align32(off_xs + (size_t)(n * p->nsteps * p->xstride));
+    off_g0 = align32(off_dv + sizeof(float) * (size_t)(n * p->nsteps * 8));
+    off_li = align32(off_g0 + sizeof(int32_t) * (size_t)p->nsteps);
+    off_lm = align32(off_li + sizeof(int32_t) * (size_t)(p->nsteps * 8));
+    total = align32(off_lm + sizeof(int32_t) * (size_t)(p->nsteps * 8));
+    p->mem = malloc(total + 32);
+    if (!p->mem) {
+        free(p);
+        return TZQ_ENOMEM;
+    }
+    base = (char *)(((uintptr_t)p->mem + 31) & ~(uintptr_t)31);
+    p->xs = (int8_t *)(base + off_xs);
+    p->dv = (float *)(base + off_dv);
+    p->g0 = (int32_t *)(base + off_g0);
+    p->lidx = (int32_t *)(base + off_li);
+    p->lmask = (int32_t *)(base + off_lm);
+
+    for (int64_t s = 0; s < p->nsteps; s++) {
+        const int64_t g0 = (s * p->S * 32) / m->group;
+        p->g0[s] = (int32_t)g0;
+        for (int l = 0; l < 8; l++) {
+            const int64_t b = s * p->S + lane_block(bits, l);
+            p->lidx[s * 8 + l] = b < nb ? (int32_t)((b * 32) / m->group - g0) : 0;
+            p->lmask[s * 8 + l] = g0 + l < ng ? -1 : 0;
+        }
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const int8_t *src = m->xi + i * cols;
+        for (int64_t s = 0; s < p->nsteps; s++) {
+            int8_t *dst = p->xs + (i * p->nsteps + s) * p->xstride;
+            float *dv = p->dv + (i * p->nsteps + s) * 8;
+            const int64_t e0 = s * p->S * 32;
+            if (bits == 4) {
+                for (int k = 0; k < 32; k++) {
+                    const int64_t e = e0 + 2 * k;
+                    dst[k] = e < cols ? src[e] : 0;
+                    dst[32 + k] = e + 1 < cols ? src[e + 1] : 0;
+                }
+            } else if (bits == 8) {
+                for (int k = 0; k < 32; k++) {
+                    if (TZQ_VNNI) dst[k] = src[e0 + k];
+                    else {
+                        const int16_t v = src[e0 + k];
+                        memcpy(dst + 2 * k, &v, 2);
+                    }
+                }
+            } else {
+                for (int t = 0; t < 4; t++)
+                    for (int k = 0; k < 32; k++) {
+                        const int64_t e = e0 + 4 * k + t;
+                        dst[32 * t + k] = e < cols ? src[e] : 0;
+                    }
+            }
+            for (int l = 0; l < 8; l++) {
+                const int64_t b = s * p->S + lane_block(bits, l);
+                dv[l] = b < nb ? m->d[i * nb + b] : 0.0f;
+            }
+        }
+    }
+    m->kern = p;
+    return TZQ_OK;
+}
+
+void tzq_x86_qmm_release(tzq_qmm *m)
+{
+    x86_prep *p = (x86_prep *)m->kern;
+    if (p) {
+        free(p->mem);
+        free(p);
+    }
+    m->kern = NULL;
+}
+
+TZQ_INLINE float hsum8(__m256 v)
+{
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
+/* sum_g s_g * z_g * sx_g */
+static inline float zero_term(const float *s, const float *z, const float *sx, int64_t ng)
+{
+    __m256 acc = _mm256_setzero_ps();
+    float r;
+    int64_t g = 0;
+    for (; g + 8 <= ng; g += 8)
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(z + g)),
+                              _mm256_loadu_ps(sx + g), acc);
+    r = hsum8(acc);
+    for (; g < ng; g++) r += (s[g] * z[g]) * sx[g];
+    return r;
+}
+
+#define NT_MAX 4
+
+/* int32 block sums of one step for one activation row; q[] are the unpacked weight vectors */
+TZQ_INLINE __m256i step_isum(const int bits, const __m256i *q, const int8_t *x)
+{
+#if TZQ_VNNI
+    __m256i acc = _mm256_setzero_si256();
+    if (bits == 8) return _mm256_dpbusd_epi32(acc, q[0], _mm256_loadu_si256((const __m256i *)x));
+    acc = _mm256_dpbusd_epi32(acc, q[0], _mm256_loadu_si256((const __m256i *)x));
+    acc = _mm256_dpbusd_epi32(acc, q[1], _mm256_loadu_si256((const __m256i *)(x + 32)));
+    if (bits == 4) return acc;
+    acc = _mm256_dpbusd_epi32(acc, q[2], _mm256_loadu_si256((const __m256i *)(x + 64)));
+    acc = _mm256_dpbusd_epi32(acc, q[3], _mm256_loadu_si256((const __m256i *)(x + 96)));
+    return acc;
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i p;
+    if (bits == 8)
+        return _mm256_add_epi32(_mm256_madd_epi16(q[0], _mm256_loadu_si256((const __m256i *)x)),
+                                _mm256_madd_epi16(q[1], _mm256_loadu_si256((const __m256i *)(x + 32))));
+    /* int16 partial sums stay below 2 * (2 * 15 * 127) = 7620 (4-bit), 4 * 2 * 7 * 127 = 7112 (3-bit) */
+    p = _mm256_maddubs_epi16(q[0], _mm256_loadu_si256((const __m256i *)x));
+    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q[1], _mm256_loadu_si256((const __m256i *)(x + 32))));
+    if (bits != 4) {
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q[2], _mm256_loadu_si256((const __m256i *)(x + 64))));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q[3], _mm256_loadu_si256((const __m256i *)(x + 96))));
+    }
+    return _mm256_madd_epi16(p, ones);
+#endif
+}
+
+/* unpack the weights of one step: lo = 32 code bytes (bit-2 plane: 16 bytes at hi for 3-bit) */
+TZQ_INLINE void step_weights(const int bits, const uint8_t *lo, const uint8_t *hi, __m256i *q)
+{
+    if (bits == 8) {
+#if TZQ_VNNI
+        q[0] = _mm256_loadu_si256((const __m256i *)lo);
+#else
+        q[0] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)lo));
+        q[1] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(lo + 16)));
+#endif
+    } else if (bits == 4) {
+        const __m256i m4 = _mm256_set1_epi8(15);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)lo);
+        q[0] = _mm256_and_si256(v, m4);
+        q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    } else {
+        const __m256i m2 = _mm256_set1_epi8(3);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)lo);
+        q[0] = _mm256_and_si256(v, m2);
+        q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m2);
+        q[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
+        q[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m2);
+        if (bits == 3) {
+            /* byte k of the step holds element 4k+t in vector t; its bit 2 is bit 4*(k&1)+t of
+               high-plane byte k>>1. Spread the 16 high bytes to one nibble per byte (even k: low
+               nibble, odd k: high nibble), then look up ((nibble >> t) & 1) << 2. */
+            const __m128i m4 = _mm_set1_epi8(15);
+            const __m128i h = _mm_loadu_si128((const __m128i *)hi);
+            const __m128i hl = _mm_and_si128(h, m4), hh = _mm_and_si128(_mm_srli_epi16(h, 4), m4);
+            const __m256i nib = _mm256_set_m128i(_mm_unpackhi_epi8(hl, hh), _mm_unpacklo_epi8(hl, hh));
+#define LUT(t) _mm256_setr_epi8( \
+    ((0 >> t) & 1) << 2, ((1 >> t) & 1) << 2, ((2 >> t) & 1) << 2, ((3 >> t) & 1) << 2, \
+    ((4 >> t) & 1) << 2, ((5 >> t) & 1) << 2, ((6 >> t) & 1) << 2, ((7 >> t) & 1) << 2, \
+    ((8 >> t) & 1) << 2, ((9 >> t) & 1) << 2, ((10 >> t) & 1) << 2, ((11 >> t) & 1) << 2, \
+    ((12 >> t) & 1) << 2, ((13 >> t) & 1) << 2, ((14 >> t) & 1) << 2, ((15 >> t) & 1) << 2, \
+    ((0 >> t) & 1) << 2, ((1 >> t) & 1) << 2, ((2 >> t) & 1) << 2, ((3 >> t) & 1) << 2, \
+    ((4 >> t) & 1) << 2, ((5 >> t) & 1) << 2, ((6 >> t) & 1) << 2, ((7 >> t) & 1) << 2, \
+    ((8 >> t) & 1) << 2, ((9 >> t) & 1) << 2, ((10 >> t) & 1) << 2, ((11 >> t) & 1) << 2, \
+    ((12 >> t) & 1) << 2, ((13 >> t) & 1) << 2, ((14 >> t) & 1) << 2, ((15 >> t) & 1) << 2)
+            q[0] = _mm256_or_si256(q[0], _mm256_shuffle_epi8(LUT(0), nib));
+            q[1] = _mm256_or_si256(q[1], _mm256_shuffle_epi8(LUT(1), nib));
+            q[2] = _mm256_or_si256(q[2], _mm256_shuffle_epi8(LUT(2), nib));
+            q[3] = _mm256_or_si256(q[3], _mm256_shuffle_epi8(LUT(3), nib));
+#undef LUT
+        }
+    }
+}
+
+/* y[n0 .. n0+nt, o] for one weight row o */
+TZQ_INLINE void row_tile(const tzq_qmm *m, const x86_prep *p, const int bits, const int nt,
+                         int64_t o, int64_t n0, const uint8_t *tail_lo, const uint8_t *tail_hi)
+{
+    const int64_t rb = m->cols * bits / 8, nsteps = p->nsteps;
+    const uint8_t *row = m->codes + o * rb, *hplane = row + m->cols / 4;
+    const float *srow = m->scales + o * m->ng;
+    __m256 acc[NT_MAX];
+    __m256i q[4];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < nsteps; s++) {
+        __m256 sv;
+        if (s < p->full) step_weights(bits, row + 32 * s, hplane + 16 * s, q);
+        else step_weights(bits, tail_lo, tail_hi, q);
+        if (p->uniform) sv = _mm256_broadcast_ss(srow + p->g0[s]);
+        else sv = _mm256_permutevar8x32_ps(
+            _mm256_maskload_ps(srow + p->g0[s], _mm256_loadu_si256((const __m256i *)(p->lmask + 8 * s))),
+            _mm256_loadu_si256((const __m256i *)(p->lidx + 8 * s)));
+        for (int t = 0; t < nt; t++) {
+            const int64_t k = (n0 + t) * nsteps + s;
+            const __m256i isum = step_isum(bits, q, p->xs + k * p->xstride);
+            const __m256 mult = _mm256_mul_ps(_mm256_loadu_ps(p->dv + 8 * k), sv);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), mult, acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        const float zt = zero_term(srow, m->zeros + o * m->ng, m->sx + (n0 + t) * m->ng, m->ng);
+        m->y[(n0 + t) * m->rows + o] = hsum8(acc[t]) - zt;
+    }
+}
+
+TZQ_INLINE void rows_bits(tzq_qmm *m, const int bits, int64_t r0, int64_t r1)
+{
+    const x86_prep *p = (const x86_prep *)m->kern;
+    const int64_t rb = m->cols * bits / 8;
+    uint8_t tail_lo[32] = {0}, tail_hi[16] = {0};
+    for (int64_t o = r0; o < r1; o++) {
+        if (p->full < p->nsteps) { /* the row ends inside the last step: zero-padded copy */
+            const uint8_t *row = m->codes + o * rb;
+            if (bits == 3) {
+                memcpy(tail_lo, row + 32 * p->full, (size_t)(m->cols / 4 - 32 * p->full));
+                memcpy(tail_hi, row + m->cols / 4 + 16 * p->full, (size_t)(m->cols / 8 - 16 * p->full));
+            } else {
+                memcpy(tail_lo, row + 32 * p->full, (size_t)(rb - 32 * p->full));
+            }
+        }
+        for (int64_t n0 = 0; n0 < m->n; n0 += NT_MAX) {
+            switch (m->n - n0 < NT_MAX ? (int)(m->n - n0) : NT_MAX) {
+            case 1: row_tile(m, p, bits, 1, o, n0, tail_lo, tail_hi); break;
+            case 2: row_tile(m, p, bits, 2, o, n0, tail_lo, tail_hi); break;
+            case 3: row_tile(m, p, bits, 3, o, n0, tail_lo, tail_hi); break;
+            default: row_tile(m, p, bits, 4, o, n0, tail_lo, tail_hi); break;
+            }
+        }
+    }
+}
+
+static void rows4(tzq_qmm *m, int64_t r0, int64_t r1) { rows_bits(m, 4, r0, r1); }
+static void rows3(tzq_qmm *m, int64_t r0, int64_t r1) { rows_bits(m, 3, r0, r1); }
+static void rows2(tzq_qmm *m, int64_t r0, int64_t r1) { rows_bits(m, 2, r0, r1); }
+static void rows8(tzq_qmm *m, int64_t r0, int64_t r1) { rows_bits(m, 8, r0, r1); }
+
+void tzq_x86_qmm_rows(tzq_qmm *m, int64_t r0, int64_t r1)
+{
+    switch (m->bits) {
+    case 4: rows4(m, r0, r1); break;
+    case 3: rows3(m, r0, r1); break;
+    case 2: rows2(m, r0, r1); break;
+    default: rows8(m, r0, r1); break;
+    }
+}
+
+#else
+typedef int tzq_qgemm_x86_empty_unit; /* ISO C forbids an empty translation unit */
+#endif

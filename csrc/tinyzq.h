@@ -1,0 +1,99 @@
+/*
+ * tinyzq.h -- the C API of the tinyzq kernels.
+ *
+ * Every extension module (tinyzq._tzq_ref, _tzq_avx2, _tzq_avx512, _tzq_neon, _tzq_dotprod) is
+ * built from the same sources and exports exactly this API; only the inner loops differ.
+ * The packed layout and the int8-activation product are specified in docs/FORMAT.md.
+ *
+ * The part between the CDEF markers is read verbatim by build_ext.py and fed to cffi's
+ * ffi.cdef(): keep it to plain prototypes, an enum and stdint types (no macros, no
+ * attributes, no #if).
+ *
+ * Conventions:
+ *  - sizes and indices are int64_t; arrays are C-contiguous, row-major;
+ *  - codes are uint8 [rows, cols*bits/8] in the canonical layout of docs/FORMAT.md;
+ *  - scales and zeros are float32 [rows, cols/group];
+ *  - cols % 32 == 0, group % 32 == 0, cols % group == 0, bits in {2, 3, 4, 8};
+ *  - functions returning int return TZQ_OK (0) or a negative TZQ_E* code; they never print,
+ *    never abort and never touch Python;
+ *  - work is split over rows on the module's thread pool (tzq_set_threads); callers do not
+ *    care how many threads there are: results do not depend on the thread count.
+ */
+#ifndef TINYZQ_H
+#define TINYZQ_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* BEGIN CDEF */
+enum {
+    TZQ_OK = 0,
+    TZQ_EINVAL = -1,   /* bad argument: bits, group, sizes or an id out of range */
+    TZQ_ENOMEM = -2,   /* out of memory */
+
+    /* bits of tzq_cpu_features(); a bit is set only if the CPU has the feature AND the OS
+       saves the matching register state (XCR0 via xgetbv for AVX / AVX-512). */
+    TZQ_CPU_SSE2 = 1,
+    TZQ_CPU_SSSE3 = 2,
+    TZQ_CPU_SSE41 = 4,
+    TZQ_CPU_AVX = 8,
+    TZQ_CPU_AVX2 = 16,
+    TZQ_CPU_FMA = 32,
+    TZQ_CPU_F16C = 64,
+    TZQ_CPU_AVX512F = 128,
+    TZQ_CPU_AVX512BW = 256,
+    TZQ_CPU_AVX512VL = 512,
+    TZQ_CPU_AVX512VNNI = 1024,
+    TZQ_CPU_NEON = 4096,       /* aarch64 AdvSIMD (HWCAP_ASIMD) */
+    TZQ_CPU_DOTPROD = 8192,    /* aarch64 SDOT/UDOT (HWCAP_ASIMDDP) */
+    TZQ_CPU_I8MM = 16384       /* aarch64 SMMLA (HWCAP2_I8MM) */
+};
+
+/* ---- cpu.c: run-time feature detection and the variant compiled into this module ---- */
+unsigned int tzq_cpu_features(void);       /* TZQ_CPU_* bits of the running CPU */
+const char *tzq_isa_name(void);            /* "ref", "avx2", "avx512", "neon" or "dotprod" */
+unsigned int tzq_isa_requires(void);       /* TZQ_CPU_* bits this module needs to run */
+const char *tzq_cpu_arch(void);            /* "x86_64", "aarch64" or "other" */
+
+/* ---- threads.c: persistent pthread pool, one per module ---- */
+void tzq_set_threads(int n);               /* n >= 1; threads are started lazily */
+int tzq_get_threads(void);
+void tzq_set_spin_us(int us);              /* how long idle workers spin before sleeping */
+
+/* ---- pack.c: canonical layout (scalar, exact, identical in every module) ---- */
+/* q: uint8 [rows, cols] with q < 2^bits (higher bits are ignored); codes: [rows, cols*bits/8] */
+int tzq_pack(const uint8_t *q, uint8_t *codes, int64_t rows, int64_t cols, int bits);
+int tzq_unpack(const uint8_t *codes, uint8_t *q, int64_t rows, int64_t cols, int bits);
+
+/* out[r - row_start, j] = scales[r, j/group] * (q[r, j] - zeros[r, j/group]) for
+   row_start <= r < row_stop; out is float32 [row_stop - row_start, cols].
+   Bit-exact in every module (no FMA: a subtraction then a multiplication in fp32). */
+int tzq_dequantize(const uint8_t *codes, const float *scales, const float *zeros,
+                   int64_t rows, int64_t cols, int bits, int group,
+                   int64_t row_start, int64_t row_stop, float *out);
+
+/* out[i, :] = dequantized row ids[i]; 0 <= ids[i] < rows else TZQ_EINVAL (out undefined). */
+int tzq_gather_rows(const uint8_t *codes, const float *scales, const float *zeros,
+                    int64_t rows, int64_t cols, int bits, int group,
+                    const int64_t *ids, int64_t k, float *out);
+
+/* ---- qgemm_ref.c (+ qgemm_x86.c / qgemm_arm.c): the int8-activation product ---- */
+/* Q8_0-style activation quantizer of docs/FORMAT.md: x float32 [n, cols] ->
+   xi int8 [n, cols], d float32 [n, cols/32]. Bit-exact in every module. */
+int tzq_quantize_activations(const float *x, int64_t n, int64_t cols, int8_t *xi, float *d);
+
+/* y float32 [n, rows] = x float32 [n, cols] . W^T with x quantized once per call
+   (docs/FORMAT.md, "int8-activation product"). */
+int tzq_qmatmul(const float *x, int64_t n,
+                const uint8_t *codes, const float *scales, const float *zeros,
+                int64_t rows, int64_t cols, int bits, int group, float *y);
+/* END CDEF */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TINYZQ_H */

@@ -1,0 +1,93 @@
+/*
+ * tzq_internal.h -- declarations shared by the C sources (not part of the public API).
+ *
+ * Variant selection: build_ext.py compiles the same sources once per ISA level with exactly one
+ * of these macros defined (none means the portable reference):
+ *   TZQ_ISA_AVX2     x86-64, -mavx2 -mfma -mf16c            (qgemm_x86.c)
+ *   TZQ_ISA_AVX512   x86-64, + -mavx512f/bw/vl/vnni          (qgemm_x86.c, VNNI dpbusd)
+ *   TZQ_ISA_NEON     aarch64 armv8-a                         (qgemm_arm.c, later)
+ *   TZQ_ISA_DOTPROD  aarch64 armv8.2-a+dotprod               (qgemm_arm.c, later)
+ * A module only ever runs on a CPU that has its features (kernels.py checks before importing).
+ *
+ * Each variant provides the row kernels below; the public entry points (pack.c, qgemm_ref.c)
+ * validate arguments, do the variant-independent work (activation quantization) and split rows
+ * over the thread pool.
+ */
+#ifndef TZQ_INTERNAL_H
+#define TZQ_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "tinyzq.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define TZQ_HIDDEN __attribute__((visibility("hidden")))
+#define TZQ_INLINE static inline __attribute__((always_inline))
+#else
+#define TZQ_HIDDEN
+#define TZQ_INLINE static inline
+#endif
+
+#if defined(TZQ_ISA_AVX2) || defined(TZQ_ISA_AVX512)
+#define TZQ_KERN_X86 1
+#else
+#define TZQ_KERN_X86 0
+#endif
+/* NEON / dotprod kernels come in a later change: until then those modules use the reference. */
+#define TZQ_KERN_ARM 0
+
+/* ---- common checks (pack.c) ---- */
+/* TZQ_OK if bits in {2,3,4,8}, cols > 0, cols % 32 == 0; group too unless group == 0. */
+TZQ_HIDDEN int tzq_check_layout(int64_t cols, int bits, int group);
+/* bytes of one packed row */
+TZQ_HIDDEN int64_t tzq_row_bytes(int64_t cols, int bits);
+/* unpack 32 codes of block b (elements 32b .. 32b+31) of one packed row */
+TZQ_HIDDEN void tzq_unpack_block(const uint8_t *row, int64_t cols, int bits, int64_t b, uint8_t q[32]);
+/* reference dequantization of one row (exact: s * ((float)q - z)) */
+TZQ_HIDDEN void tzq_ref_dequant_row(const uint8_t *row, const float *s, const float *z,
+                                    int64_t cols, int bits, int group, float *out);
+
+/* ---- threads.c ---- */
+typedef void (*tzq_range_fn)(void *ctx, int64_t i0, int64_t i1);
+/* Calls fn(ctx, i0, i1) on disjoint ranges covering [0, n), on the pool (the caller takes part).
+   Ranges hold at least `grain` items (except the last). Runs inline when single-threaded, when
+   n <= grain, or when the pool is busy (another thread's job, or a nested call). */
+TZQ_HIDDEN void tzq_parallel_for(int64_t n, int64_t grain, tzq_range_fn fn, void *ctx);
+
+/* ---- the int8-activation product ---- */
+typedef struct tzq_qmm {
+    /* problem */
+    int64_t n, rows, cols, nb, ng; /* nb = cols/32 blocks, ng = cols/group groups */
+    int bits, group;
+    const uint8_t *codes;
+    const float *scales, *zeros;
+    float *y;                      /* [n, rows] */
+    /* activations quantized once per call (qgemm_ref.c, identical in every variant) */
+    const int8_t *xi;              /* [n, cols] */
+    const float *d;                /* [n, nb] block scales d_b */
+    const float *sx;               /* [n, ng] sx_g = sum_{b in g} d_b * sum_{j in b} xi_j (in order) */
+    /* variant-private data built by the prepare step */
+    void *kern;
+    int error;                     /* set by row kernels on failure (TZQ_E*) */
+} tzq_qmm;
+
+TZQ_HIDDEN void tzq_ref_qmm_rows(tzq_qmm *m, int64_t r0, int64_t r1);
+
+#if TZQ_KERN_X86
+TZQ_HIDDEN void tzq_x86_dequant_row(const uint8_t *row, const float *s, const float *z,
+                                    int64_t cols, int bits, int group, float *out);
+TZQ_HIDDEN int tzq_x86_qmm_prepare(tzq_qmm *m);
+TZQ_HIDDEN void tzq_x86_qmm_rows(tzq_qmm *m, int64_t r0, int64_t r1);
+TZQ_HIDDEN void tzq_x86_qmm_release(tzq_qmm *m);
+#define TZQ_DEQUANT_ROW tzq_x86_dequant_row
+#define TZQ_QMM_PREPARE tzq_x86_qmm_prepare
+#define TZQ_QMM_ROWS tzq_x86_qmm_rows
+#define TZQ_QMM_RELEASE tzq_x86_qmm_release
+#else
+#define TZQ_DEQUANT_ROW tzq_ref_dequant_row
+#define TZQ_QMM_PREPARE(m) TZQ_OK
+#define TZQ_QMM_ROWS tzq_ref_qmm_rows
+#define TZQ_QMM_RELEASE(m) ((void)0)
+#endif
+
+#endif /* TZQ_INTERNAL_H */

@@ -1,0 +1,434 @@
+"""The C kernels: loads the best extension module for this CPU and wraps it for NumPy arrays.
+
+One cffi extension module is built per ISA level (build_ext.py): ``_tzq_ref`` (portable, always
+built), ``_tzq_avx2``, ``_tzq_avx512`` on x86-64; ``_tzq_neon``, ``_tzq_dotprod`` on aarch64.
+The CPU is asked through ``_tzq_ref`` (cpuid + xgetbv / getauxval) *before* a SIMD module is
+imported, so a module is never loaded on a CPU that cannot run it.
+
+Environment:
+  TINYZQ_ISA=ref|avx2|avx512|neon|dotprod   force a kernel path (ValueError if unavailable here)
+  TINYZQ_THREADS=N                           threads per kernel call (default: usable cores)
+
+Module-level functions use the default path (chosen on first use). ``Kernels(name)`` gives an
+object with the same methods bound to one specific module, and ``use(name)`` temporarily
+switches the default (tests compare every path against the reference). Arrays are passed to C
+without copies (``ffi.from_buffer``); inputs are checked (dtype, C-contiguity, shapes) with
+one-line ValueErrors. cffi releases the GIL during the C calls.
+
+Layout and arithmetic: docs/FORMAT.md; NumPy reference: tinyzq/quant/packing.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import threading
+
+import numpy as np
+
+try:
+    from .errors import TinyzqError as _Base
+except ImportError:  # pragma: no cover
+    _Base = Exception
+
+
+class KernelError(ValueError, _Base):
+    """A one-line error about kernel inputs or the TINYZQ_ISA / TINYZQ_THREADS settings."""
+
+
+__all__ = ["isa", "available_isas", "built_isas", "cpu_features", "set_threads", "get_threads",
+           "pack", "unpack", "dequantize", "gather_rows", "qmatmul", "quantize_activations",
+           "Kernels", "use", "get", "KernelError", "ALL_ISAS"]
+
+ALL_ISAS = ("ref", "avx2", "avx512", "neon", "dotprod")
+_PREFERENCE = ("avx512", "avx2", "dotprod", "neon", "ref")  # best first
+# features each module is compiled to use (mirrors tzq_isa_requires() in csrc/cpu.c)
+_REQUIRES = {
+    "ref": (),
+    "avx2": ("avx", "avx2", "fma", "f16c"),
+    "avx512": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
+    "neon": ("neon",),
+    "dotprod": ("neon", "dotprod"),
+}
+_FEATURE_BITS = {
+    "sse2": 1, "ssse3": 2, "sse4_1": 4, "avx": 8, "avx2": 16, "fma": 32, "f16c": 64,
+    "avx512f": 128, "avx512bw": 256, "avx512vl": 512, "avx512vnni": 1024,
+    "neon": 4096, "dotprod": 8192, "i8mm": 16384,
+}
+_X86_FEATURES = ("sse2", "ssse3", "sse4_1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw",
+                 "avx512vl", "avx512vnni")
+_ARM_FEATURES = ("neon", "dotprod", "i8mm")
+_BITS = (2, 3, 4, 8)
+_ERRORS = {-1: "invalid argument", -2: "out of memory"}
+
+_lock = threading.RLock()
+_ref_mod = None
+_modules: dict = {}
+_instances: dict = {}
+_default: "Kernels | None" = None
+_threads: int | None = None
+
+
+# ---------------------------------------------------------------- modules and dispatch
+
+def _import(name: str):
+    mod = _modules.get(name)
+    if mod is None:
+        mod = importlib.import_module("tinyzq._tzq_" + name)
+        _modules[name] = mod
+    return mod
+
+
+def _ref():
+    global _ref_mod
+    if _ref_mod is None:
+        with _lock:
+            if _ref_mod is None:
+                try:
+                    _ref_mod = _import("ref")
+                except ImportError as e:
+                    raise ImportError(
+                        "tinyzq's C kernels are not built (tinyzq._tzq_ref is missing): install with "
+                        "`pip install .` or `pip install -e .`, or run `python build_ext.py` in the "
+                        f"source tree ({e})") from e
+    return _ref_mod
+
+
+def cpu_features() -> dict:
+    """Features of the running CPU that the kernels care about (OS register-state support included)."""
+    lib = _ref().lib
+    bits = lib.tzq_cpu_features()
+    arch = _ref().ffi.string(lib.tzq_cpu_arch()).decode()
+    names = _X86_FEATURES if arch == "x86_64" else _ARM_FEATURES if arch == "aarch64" else ()
+    return {k: bool(bits & _FEATURE_BITS[k]) for k in names}
+
+
+def _supported(name: str, feats: dict) -> bool:
+    return all(feats.get(f, False) for f in _REQUIRES[name])
+
+
+def _module_exists(name: str) -> bool:
+    if name in _modules:
+        return True
+    return importlib.util.find_spec("tinyzq._tzq_" + name) is not None
+
+
+def built_isas() -> list:
+    """Modules built for this installation (whether or not this CPU can run them), best first."""
+    _ref()
+    return [n for n in _PREFERENCE if _module_exists(n)]
+
+
+def available_isas() -> list:
+    """ISA paths that are built AND supported by this CPU, best first (always ends with 'ref')."""
+    feats = cpu_features()
+    return [n for n in built_isas() if _supported(n, feats)]
+
+
+def _resolve_default() -> str:
+    forced = os.environ.get("TINYZQ_ISA", "").strip().lower()
+    avail = available_isas()
+    if not forced or forced == "auto":
+        return avail[0]
+    if forced not in avail:
+        why = "unknown" if forced not in ALL_ISAS else "not available on this CPU/build"
+        raise KernelError(f"TINYZQ_ISA={forced!r} is {why}; valid choices here: {', '.join(avail)}")
+    return forced
+
+
+def _default_threads() -> int:
+    env = os.environ.get("TINYZQ_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise KernelError(f"TINYZQ_THREADS must be a positive integer, got {env!r}")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def get(name: str | None = None) -> "Kernels":
+    """The Kernels object for ISA `name` (default: the path chosen for this process)."""
+    global _default
+    if name is None:
+        if _default is None:
+            with _lock:
+                if _default is None:
+                    _default = get(_resolve_default())
+        return _default
+    with _lock:
+        k = _instances.get(name)
+        if k is None:
+            k = Kernels(name)
+            _instances[name] = k
+        return k
+
+
+def isa() -> str:
+    """Name of the kernel path in use: 'ref', 'avx2', 'avx512', 'neon' or 'dotprod'."""
+    return get().name
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Temporarily make ISA `name` the default path (not thread-safe; for tests and benchmarks)."""
+    global _default
+    k = get(name)
+    with _lock:
+        old = _default
+        _default = k
+    try:
+        yield k
+    finally:
+        with _lock:
+            _default = old
+
+
+def set_threads(n: int) -> None:
+    """Threads used by each kernel call (all loaded modules); results do not depend on it."""
+    global _threads
+    n = int(n)
+    if n < 1:
+        raise KernelError(f"threads must be >= 1, got {n}")
+    with _lock:
+        _threads = n
+        for mod in _modules.values():
+            mod.lib.tzq_set_threads(n)
+
+
+def get_threads() -> int:
+    global _threads
+    if _threads is None:
+        set_threads(_default_threads())
+    return _threads
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _err(msg: str):
+    raise KernelError(msg)
+
+
+def _arr(a, name: str, dtype, ndim: int | None = 2) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        _err(f"{name} must be a numpy array of {np.dtype(dtype).name}, got {type(a).__name__}")
+    if a.dtype != dtype:
+        _err(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        _err(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        _err(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+    return a
+
+
+def _layout(cols: int, bits, group=None) -> None:
+    if bits not in _BITS:
+        _err(f"bits must be one of 2, 3, 4, 8, got {bits!r}")
+    if cols <= 0 or cols % 32:
+        _err(f"the input width must be a positive multiple of 32, got {cols}")
+    if group is not None:
+        if not isinstance(group, (int, np.integer)) or group <= 0 or group % 32:
+            _err(f"group must be a positive multiple of 32, got {group!r}")
+        if cols % group:
+            _err(f"group {group} does not divide the input width {cols}")
+
+
+def _packed(codes, scales, zeros, bits, group) -> tuple:
+    """Check a packed weight; returns (rows, cols)."""
+    _arr(codes, "codes", np.uint8)
+    if bits not in _BITS:
+        _err(f"bits must be one of 2, 3, 4, 8, got {bits!r}")
+    rows, nbytes = codes.shape
+    if (nbytes * 8) % bits:
+        _err(f"codes rows of {nbytes} bytes do not hold a whole number of {bits}-bit codes")
+    cols = nbytes * 8 // bits
+    _layout(cols, bits, group)
+    _arr(scales, "scales", np.float32)
+    _arr(zeros, "zeros", np.float32)
+    want = (rows, cols // group)
+    if scales.shape != want or zeros.shape != want:
+        _err(f"scales and zeros must have shape {want} for codes {codes.shape} at {bits} bits, group {group}; "
+             f"got {scales.shape} and {zeros.shape}")
+    return rows, cols
+
+
+def _out(out, shape: tuple, dtype, name="out") -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    _arr(out, name, dtype, len(shape))
+    if out.shape != shape:
+        _err(f"{name} must have shape {shape}, got {out.shape}")
+    if not out.flags.writeable:
+        _err(f"{name} must be writeable")
+    return out
+
+
+# ---------------------------------------------------------------- the wrappers
+
+class Kernels:
+    """The kernels of one ISA module ('ref', 'avx2', ...): same methods as the module functions."""
+
+    def __init__(self, name: str):
+        if name not in ALL_ISAS:
+            _err(f"unknown ISA {name!r}; valid choices here: {', '.join(available_isas())}")
+        if not _supported(name, cpu_features()):
+            _err(f"ISA {name!r} is not supported by this CPU; valid choices here: {', '.join(available_isas())}")
+        try:
+            mod = _import(name)
+        except ImportError:
+            _err(f"ISA {name!r} is not built in this installation; valid choices here: {', '.join(available_isas())}")
+        self.name = name
+        self.ffi, self.lib = mod.ffi, mod.lib
+        got = self.ffi.string(self.lib.tzq_isa_name()).decode()
+        if got != name:  # pragma: no cover - build mix-up
+            _err(f"module tinyzq._tzq_{name} reports ISA {got!r}")
+        self.lib.tzq_set_threads(get_threads())
+
+    def __repr__(self):
+        return f"Kernels({self.name!r})"
+
+    # buffers -> C pointers, no copies (read-only arrays are fine for inputs)
+    def _p(self, ctype: str, a: np.ndarray):
+        return self.ffi.from_buffer(ctype, a)
+
+    def _check(self, rc: int, what: str):
+        if rc != 0:
+            _err(f"{what}: {_ERRORS.get(rc, f'error {rc}')} (tinyzq._tzq_{self.name})")
+
+    def set_threads(self, n: int) -> None:
+        self.lib.tzq_set_threads(int(n))
+
+    def get_threads(self) -> int:
+        return int(self.lib.tzq_get_threads())
+
+    # -- packing
+    def pack(self, q: np.ndarray, bits: int) -> np.ndarray:
+        """uint8 codes [rows, cols] (< 2**bits) -> packed uint8 [rows, cols*bits/8]."""
+        _arr(q, "q", np.uint8)
+        rows, cols = q.shape
+        _layout(cols, bits)
+        if q.size and bits < 8 and int(q.max()) >= (1 << bits):
+            _err(f"codes must be < 2**{bits} = {1 << bits}, got {int(q.max())}")
+        out = np.empty((rows, cols * bits // 8), dtype=np.uint8)
+        if rows:
+            self._check(self.lib.tzq_pack(self._p("uint8_t[]", q), self._p("uint8_t[]", out), rows, cols, bits), "pack")
+        return out
+
+    def unpack(self, codes: np.ndarray, bits: int, cols: int) -> np.ndarray:
+        """packed uint8 [rows, cols*bits/8] -> uint8 codes [rows, cols]."""
+        _arr(codes, "codes", np.uint8)
+        _layout(int(cols), bits)
+        cols = int(cols)
+        rows = codes.shape[0]
+        if codes.shape[1] != cols * bits // 8:
+            _err(f"codes must have {cols * bits // 8} bytes per row for {cols} {bits}-bit codes, got shape {codes.shape}")
+        out = np.empty((rows, cols), dtype=np.uint8)
+        if rows:
+            self._check(self.lib.tzq_unpack(self._p("uint8_t[]", codes), self._p("uint8_t[]", out), rows, cols, bits),
+                        "unpack")
+        return out
+
+    # -- dequantization
+    def dequantize(self, codes, scales, zeros, bits: int, group: int, row_start: int = 0, row_stop=None,
+                   out=None) -> np.ndarray:
+        """float32 rows row_start:row_stop of W = s * (q - z) (bit-identical in every ISA)."""
+        rows, cols = self._packed_checked(codes, scales, zeros, bits, group)
+        row_start = int(row_start)
+        row_stop = rows if row_stop is None else int(row_stop)
+        if not 0 <= row_start <= row_stop <= rows:
+            _err(f"row range {row_start}:{row_stop} is outside 0:{rows}")
+        out = _out(out, (row_stop - row_start, cols), np.float32)
+        if row_stop > row_start:
+            self._check(self.lib.tzq_dequantize(
+                self._p("uint8_t[]", codes), self._p("float[]", scales), self._p("float[]", zeros),
+                rows, cols, bits, group, row_start, row_stop, self._p("float[]", out)), "dequantize")
+        return out
+
+    def gather_rows(self, codes, scales, zeros, bits: int, group: int, ids, out=None) -> np.ndarray:
+        """Dequantized rows ids (embedding lookup): float32 [*ids.shape, cols]."""
+        rows, cols = self._packed_checked(codes, scales, zeros, bits, group)
+        if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
+            _err(f"ids must be a numpy integer array, got {getattr(ids, 'dtype', type(ids).__name__)}")
+        shape = ids.shape
+        flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= rows):
+            _err(f"ids must be in [0, {rows}), got values in [{int(flat.min())}, {int(flat.max())}]")
+        res = _out(out, shape + (cols,), np.float32)
+        if flat.size:
+            self._check(self.lib.tzq_gather_rows(
+                self._p("uint8_t[]", codes), self._p("float[]", scales), self._p("float[]", zeros),
+                rows, cols, bits, group, self._p("int64_t[]", flat), flat.size, self._p("float[]", res)),
+                "gather_rows")
+        return res
+
+    # -- the int8-activation product
+    def quantize_activations(self, x: np.ndarray) -> tuple:
+        """x float32 [n, cols] -> (xi int8 [n, cols], d float32 [n, cols/32]) as in FORMAT.md."""
+        _arr(x, "x", np.float32)
+        n, cols = x.shape
+        _layout(cols, 8)
+        xi = np.empty((n, cols), dtype=np.int8)
+        d = np.empty((n, cols // 32), dtype=np.float32)
+        if n:
+            self._check(self.lib.tzq_quantize_activations(self._p("float[]", x), n, cols, self._p("int8_t[]", xi),
+                                                          self._p("float[]", d)), "quantize_activations")
+        return xi, d
+
+    def qmatmul(self, x: np.ndarray, codes, scales, zeros, bits: int, group: int, out=None) -> np.ndarray:
+        """y = x @ W.T with x quantized to int8 blocks once per call: x float32 [n, cols] (or [cols])
+        -> float32 [n, rows] (or [rows]). For few rows of x (decode); use dequantize + BLAS for many."""
+        rows, cols = self._packed_checked(codes, scales, zeros, bits, group)
+        if not isinstance(x, np.ndarray) or x.ndim not in (1, 2):
+            _err(f"x must be a 1-D or 2-D numpy array of float32, got {getattr(x, 'shape', type(x).__name__)}")
+        _arr(x, "x", np.float32, None)
+        if x.shape[-1] != cols:
+            _err(f"x must have {cols} columns to match codes {codes.shape} at {bits} bits, got shape {x.shape}")
+        n = 1 if x.ndim == 1 else x.shape[0]
+        y = _out(out, (rows,) if x.ndim == 1 else (n, rows), np.float32)
+        if out is not None and np.may_share_memory(out, x):
+            _err("out must not overlap x")
+        if n and rows:
+            self._check(self.lib.tzq_qmatmul(
+                self._p("float[]", x), n, self._p("uint8_t[]", codes), self._p("float[]", scales),
+                self._p("float[]", zeros), rows, cols, bits, group, self._p("float[]", y)), "qmatmul")
+        return y
+
+    def _packed_checked(self, codes, scales, zeros, bits, group):
+        return _packed(codes, scales, zeros, bits, group)
+
+
+# ---------------------------------------------------------------- module-level API (default path)
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    return get().pack(q, bits)
+
+
+def unpack(codes: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    return get().unpack(codes, bits, cols)
+
+
+def dequantize(codes, scales, zeros, bits: int, group: int, row_start: int = 0, row_stop=None, out=None):
+    return get().dequantize(codes, scales, zeros, bits, group, row_start, row_stop, out)
+
+
+def gather_rows(codes, scales, zeros, bits: int, group: int, ids, out=None):
+    return get().gather_rows(codes, scales, zeros, bits, group, ids, out)
+
+
+def qmatmul(x, codes, scales, zeros, bits: int, group: int, out=None):
+    return get().qmatmul(x, codes, scales, zeros, bits, group, out)
+
+
+def quantize_activations(x: np.ndarray):
+    return get().quantize_activations(x)
+
+
+for _f in (pack, unpack, dequantize, gather_rows, qmatmul, quantize_activations):
+    _f.__doc__ = getattr(Kernels, _f.__name__).__doc__
+del _f
