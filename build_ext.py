@@ -93,7 +93,8 @@ def _make_ffi(name, macro, flags):
         "tinyzq._tzq_" + name,
         src,
         include_dirs=[os.path.join(HERE, CSRC)],
-        depends=[os.path.join(HERE, CSRC, f) for f in UNITY_SOURCES + HEADERS],
+        # relative (when building from the project root) so that setuptools also rebuilds on changes
+        depends=[os.path.relpath(os.path.join(HERE, CSRC, f)) for f in UNITY_SOURCES + HEADERS],
         extra_compile_args=[] if win else _BASE_FLAGS + flags,
         libraries=[] if win else ["pthread"],
     )
