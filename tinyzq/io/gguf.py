@@ -23,7 +23,7 @@ import numpy as np
 
 from ..config import SUPPORTED_ARCHS, ModelConfig
 from ..errors import TinyzqError
-from . import TensorSource, _check_shapes, hf_tensor_shapes
+from . import TensorSource, _check_shapes
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
