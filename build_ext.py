@@ -111,6 +111,19 @@ def cffi_modules():
     return ["build_ext.py:ffi_" + name for name, _, _ in _variants()]
 
 
+def _remove_stale(dest):
+    """Remove other builds of the same module next to `dest` (e.g. a .cpython-311-*.so left by
+    `python build_ext.py` next to a newer .abi3.so: Python would import the stale one first)."""
+    folder, base = os.path.split(dest)
+    stem = base.split(".", 1)[0]
+    for f in os.listdir(folder):
+        if f != base and f.split(".", 1)[0] == stem and f.endswith((".so", ".pyd")):
+            try:
+                os.remove(os.path.join(folder, f))
+            except OSError:
+                pass
+
+
 def cmdclass():
     """setup() cmdclass: a build_ext that, after a normal (not --inplace) build, also copies the
     built modules into the source tree's tinyzq/ when that is writable and is the tree being
@@ -124,7 +137,12 @@ def cmdclass():
     class build_ext(_build_ext):
         def run(self):
             super().run()
-            if self.inplace or os.environ.get("TINYZQ_NO_INPLACE"):
+            if self.inplace:
+                for ext in self.extensions:
+                    if os.path.exists(self.get_ext_fullpath(ext.name)):
+                        _remove_stale(self.get_ext_fullpath(ext.name))
+                return
+            if os.environ.get("TINYZQ_NO_INPLACE"):
                 return
             pkg = os.path.join(HERE, "tinyzq")
             if not (os.path.isdir(pkg) and os.access(pkg, os.W_OK)):
@@ -136,6 +154,7 @@ def cmdclass():
                     try:
                         shutil.copyfile(built, dest + ".tmp")
                         os.replace(dest + ".tmp", dest)
+                        _remove_stale(dest)
                     except OSError:
                         pass
 
@@ -152,6 +171,7 @@ def build_inplace(verbose=False):
             path = globals()["ffi_" + name].compile(tmpdir=tmp, verbose=verbose)
             dest = os.path.join("tinyzq", os.path.basename(path))
             os.replace(path, dest)
+            _remove_stale(dest)
             print("built", dest)
     finally:
         os.chdir(cwd)

@@ -136,8 +136,8 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     xb = x.reshape(n, cols // BLOCK, BLOCK)
     d = np.abs(xb).max(axis=-1) / np.float32(127)
     inv = np.zeros_like(d)
-    np.divide(np.float32(1), d, out=inv, where=d != 0)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        np.divide(np.float32(1), d, out=inv, where=d != 0)  # inf when d is subnormal
         v = xb * inv[..., None]
     v = np.where(np.isnan(v), np.float32(0), v)
     v = np.clip(v, np.float32(-127), np.float32(127))
