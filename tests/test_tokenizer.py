@@ -233,7 +233,7 @@ PRE_TEXTS = SAMPLES + ["Numbers 1234567 and 12 3 45678; x=100000.", "You'RE we'L
                        "tabs\tand  double  spaces  9  8", "A\n\n\n  B ...  !!! ???"]
 
 
-@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "default"])
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2"])
 def test_gguf_bpe_pretokenizers_equal_transformers(tmp_path, pre):
     """For the pre-tokenizers transformers does implement, our GGUF-built tokenizer == transformers'."""
     transformers = pytest.importorskip("transformers")
@@ -263,9 +263,10 @@ def test_gguf_pretokenizer_splits():
     assert pieces("smollm", "a 2024") == ["a", "Ġ", "2", "0", "2", "4"]
     assert pieces("llama-bpe", "a 2024") == ["a", "Ġ", "202", "4"]
     assert pieces("qwen2", "a 2024") == ["a", "Ġ", "2", "0", "2", "4"]
-    assert pieces("default", "a 2024") == ["a", "Ġ2024"]
+    assert pieces("gpt-2", "a 2024") == ["a", "Ġ2024"]
+    assert pieces("default", "a 2024!?") == ["a", "Ġ", "202", "4", "!?"]  # llama.cpp's default
     with pytest.warns(UserWarning, match="unknown tokenizer.ggml.pre"):
-        assert pieces("some-new-pre", "a 2024") == ["a", "Ġ2024"]
+        assert pieces("some-new-pre", "a 2024") == ["a", "Ġ", "202", "4"]
 
 
 def test_special_tokens_are_single_ids_and_user_defined():
@@ -336,7 +337,7 @@ def test_gguf_sentencepiece_llama_tokenizer(tmp_path):
     assert ours.encode("😀", add_bos=False)[-4:] == [3 + b for b in "😀".encode()]
 
 
-@pytest.mark.parametrize("kind", ["spm", "llama-bpe", "qwen2", "smollm", "default"])
+@pytest.mark.parametrize("kind", ["spm", "llama-bpe", "qwen2", "smollm", "gpt-2", "default"])
 def test_gguf_tokenizers_equal_llama_cpp_if_available(tmp_path, kind):
     """llama.cpp itself on tiny GGUF vocabularies of each family (optional: llama-cpp-python)."""
     llama_cpp = pytest.importorskip("llama_cpp")

@@ -42,9 +42,11 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _PRE_DIGITS = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
 _PRE_LLAMA3 = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3", "pixtral"}
 _PRE_QWEN2 = {"qwen2", "deepseek-r1-qwen", "megrez"}
-_PRE_GPT2 = {"default", "gpt-2", "gpt2", "phi-2", "jais", "olmo", "stablelm2", "mpt", "poro-chat", "viking",
-             "bloom", "gpt3-finnish"}
-SUPPORTED_GGUF_PRE = sorted(_PRE_DIGITS | _PRE_LLAMA3 | _PRE_QWEN2 | _PRE_GPT2)
+_PRE_GPT2 = {"gpt-2", "gpt2", "phi-2", "jais", "olmo", "mpt"}
+# llama.cpp's "default" (also used when tokenizer.ggml.pre is absent): punctuation runs, then GPT-2, then
+# digit runs, then groups of three digits
+_DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", None, r"\p{N}+", r"[0-9][0-9][0-9]")
+SUPPORTED_GGUF_PRE = sorted(_PRE_DIGITS | _PRE_LLAMA3 | _PRE_QWEN2 | _PRE_GPT2 | {"default"})
 
 
 def _byte_level_pre(kind: str):
@@ -58,6 +60,13 @@ def _byte_level_pre(kind: str):
         return pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(rx), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    if kind == "default":
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_DEFAULT_SPLITS[0]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            pre_tokenizers.Split(Regex(_DEFAULT_SPLITS[2]), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(_DEFAULT_SPLITS[3]), behavior="isolated", invert=False),
         ])
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
@@ -394,11 +403,13 @@ def _gguf_bpe(tokens: list, merges, pre: Optional[str], source: str):
         kind = "llama3"
     elif pre in _PRE_QWEN2:
         kind = "qwen2"
-    else:
-        if pre not in _PRE_GPT2:
-            warnings.warn(f"{source}: unknown tokenizer.ggml.pre {pre!r}; using the GPT-2 pre-tokenizer "
-                          "(token ids may differ from llama.cpp)", stacklevel=3)
+    elif pre in _PRE_GPT2:
         kind = "gpt2"
+    else:
+        if pre != "default":
+            warnings.warn(f"{source}: unknown tokenizer.ggml.pre {pre!r}; using llama.cpp's default "
+                          "pre-tokenizer (token ids may differ from the model's own tokenizer)", stacklevel=3)
+        kind = "default"
     try:
         bpe = models.BPE(vocab, pairs, ignore_merges=(kind == "llama3"))
     except Exception as e:
