@@ -25,8 +25,11 @@
  * activations, s_g broadcast, or gathered with vpermps when a step straddles groups); the zero
  * points are applied once per row as sum_g s_g * z_g * sx_g. The last step of a row is read from
  * a zero-padded copy when the row does not fill it (the padded activations are 0 and d_b = 0).
- * Activation rows are processed in tiles of up to 4 per pass over a weight row, so each weight
- * row is read from memory once per call.
+ * Work is done in tiles of RT weight rows x NT activation rows, (RT, NT) = (4,1), (2,2), (1,4)
+ * (+ (1,2), (1,1) for leftovers): every (row, activation) pair has its own accumulator, so
+ * several FMA chains are in flight, and a weight row is read from memory once per call (the
+ * passes for further activation tiles hit L1). The horizontal sums are associated the same way
+ * in every tile shape, so results do not depend on how rows were split between threads.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -252,29 +255,38 @@ void tzq_x86_qmm_release(tzq_qmm *m)
     m->kern = NULL;
 }
 
+/* sum of the 8 lanes, associated exactly like one lane of hsum4x8 (results must not depend on
+   which tile shape computed a row: tiles follow thread chunk boundaries) */
 TZQ_INLINE float hsum8(__m256 v)
 {
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    a = _mm_add_ss(a, _mm_movehdup_ps(a));
-    return _mm_cvtss_f32(a);
+    __m256 t = _mm256_hadd_ps(v, v);
+    t = _mm256_hadd_ps(t, t);
+    return _mm_cvtss_f32(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
 }
 
-/* sum_g s_g * z_g * sx_g */
-static inline float zero_term(const float *s, const float *z, const float *sx, int64_t ng)
+/* [sum(a), sum(b), sum(c), sum(d)] */
+TZQ_INLINE __m128 hsum4x8(__m256 a, __m256 b, __m256 c, __m256 d)
+{
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* a vector whose lanes add up to sum_g s_g * z_g * sx_g (the zero-point term of one row) */
+TZQ_INLINE __m256 zero_vec(const float *s, const float *z, const float *sx, int64_t ng)
 {
     __m256 acc = _mm256_setzero_ps();
-    float r;
     int64_t g = 0;
     for (; g + 8 <= ng; g += 8)
         acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(z + g)),
                               _mm256_loadu_ps(sx + g), acc);
-    r = hsum8(acc);
-    for (; g < ng; g++) r += (s[g] * z[g]) * sx[g];
-    return r;
+    if (g < ng) {
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(ng - g)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_maskload_ps(s + g, mask), _mm256_maskload_ps(z + g, mask)),
+                              _mm256_maskload_ps(sx + g, mask), acc);
+    }
+    return acc;
 }
-
-#define NT_MAX 4
 
 /* int32 block sums of one step for one activation row; q[] are the unpacked weight vectors */
 TZQ_INLINE __m256i step_isum(const int bits, const __m256i *q, const int8_t *x)
@@ -353,67 +365,147 @@ TZQ_INLINE void step_weights(const int bits, const uint8_t *lo, const uint8_t *h
     }
 }
 
-/* y[n0 .. n0+nt, o] for one weight row o */
-TZQ_INLINE void row_tile(const tzq_qmm *m, const x86_prep *p, const int bits, const int nt,
-                         int64_t o, int64_t n0, const uint8_t *tail_lo, const uint8_t *tail_hi)
+#if defined(__clang__)
+#define UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define UNROLL _Pragma("GCC unroll 4")
+#else
+#define UNROLL
+#endif
+
+#define RT_MAX 4 /* weight rows per tile */
+#define NT_MAX 4 /* activation rows per tile; tiles are (RT, NT) = (4,1), (2,2), (1,4), (1,2), (1,1) */
+#define TAIL 48  /* zero-padded copy of a row's last, partial step: 32 code bytes + 16 bit-2 bytes */
+
+/* one step s of a tile: weights of row r at lo[r] (+ bit-2 plane at hi[r] for 3-bit) */
+TZQ_INLINE void tile_step(const x86_prep *p, const int bits, const int RT, const int NT, const int uni,
+                          int64_t s, const uint8_t *const *lo, const uint8_t *const *hi,
+                          const float *const *srow, const int8_t *const *xs, const float *const *dv,
+                          __m256 (*acc)[NT_MAX])
 {
-    const int64_t rb = m->cols * bits / 8, nsteps = p->nsteps;
-    const uint8_t *row = m->codes + o * rb, *hplane = row + m->cols / 4;
-    const float *srow = m->scales + o * m->ng;
-    __m256 acc[NT_MAX];
     __m256i q[4];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t s = 0; s < nsteps; s++) {
+    UNROLL
+    for (int r = 0; r < RT; r++) {
         __m256 sv;
-        if (s < p->full) step_weights(bits, row + 32 * s, hplane + 16 * s, q);
-        else step_weights(bits, tail_lo, tail_hi, q);
-        if (p->uniform) sv = _mm256_broadcast_ss(srow + p->g0[s]);
+        step_weights(bits, lo[r], hi[r], q);
+        if (uni) sv = _mm256_broadcast_ss(srow[r] + p->g0[s]);
         else sv = _mm256_permutevar8x32_ps(
-            _mm256_maskload_ps(srow + p->g0[s], _mm256_loadu_si256((const __m256i *)(p->lmask + 8 * s))),
-            _mm256_loadu_si256((const __m256i *)(p->lidx + 8 * s)));
-        for (int t = 0; t < nt; t++) {
-            const int64_t k = (n0 + t) * nsteps + s;
-            const __m256i isum = step_isum(bits, q, p->xs + k * p->xstride);
-            const __m256 mult = _mm256_mul_ps(_mm256_loadu_ps(p->dv + 8 * k), sv);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), mult, acc[t]);
+            _mm256_maskload_ps(srow[r] + p->g0[s], _mm256_load_si256((const __m256i *)(p->lmask + 8 * s))),
+            _mm256_load_si256((const __m256i *)(p->lidx + 8 * s)));
+        UNROLL
+        for (int t = 0; t < NT; t++) {
+            const __m256i isum = step_isum(bits, q, xs[t] + s * p->xstride);
+            const __m256 mult = _mm256_mul_ps(_mm256_load_ps(dv[t] + 8 * s), sv);
+            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), mult, acc[r][t]);
         }
-    }
-    for (int t = 0; t < nt; t++) {
-        const float zt = zero_term(srow, m->zeros + o * m->ng, m->sx + (n0 + t) * m->ng, m->ng);
-        m->y[(n0 + t) * m->rows + o] = hsum8(acc[t]) - zt;
     }
 }
 
-TZQ_INLINE void rows_bits(tzq_qmm *m, const int bits, int64_t r0, int64_t r1)
+/* y[n0 .. n0+NT, o .. o+RT]: one pass over RT weight rows for NT activation rows; independent
+   accumulators per (row, activation) keep several FMA chains in flight. uni: p->uniform. */
+TZQ_INLINE void tile(const tzq_qmm *m, const x86_prep *p, const int bits, const int RT, const int NT,
+                     const int uni, int64_t o, int64_t n0, uint8_t (*tails)[TAIL])
+{
+    const int64_t cols = m->cols, rb = cols * bits / 8, ng = m->ng;
+    const int64_t nsteps = p->nsteps, full = p->full, xstride = p->xstride;
+    const uint8_t *lo[RT_MAX], *hi[RT_MAX];
+    const float *srow[RT_MAX];
+    const int8_t *xs[NT_MAX];
+    const float *dv[NT_MAX];
+    __m256 acc[RT_MAX][NT_MAX];
+    UNROLL
+    for (int r = 0; r < RT; r++) {
+        lo[r] = m->codes + (o + r) * rb;
+        hi[r] = lo[r] + cols / 4;
+        srow[r] = m->scales + (o + r) * ng;
+        UNROLL
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+    }
+    UNROLL
+    for (int t = 0; t < NT; t++) {
+        xs[t] = p->xs + (n0 + t) * nsteps * xstride;
+        dv[t] = p->dv + (n0 + t) * nsteps * 8;
+    }
+    for (int64_t s = 0; s < full; s++) {
+        tile_step(p, bits, RT, NT, uni, s, lo, hi, srow, xs, dv, acc);
+        UNROLL
+        for (int r = 0; r < RT; r++) {
+            lo[r] += 32;
+            hi[r] += 16;
+        }
+    }
+    if (full < nsteps) { /* the last step, from the zero-padded copies */
+        UNROLL
+        for (int r = 0; r < RT; r++) {
+            lo[r] = tails[r];
+            hi[r] = tails[r] + 32;
+        }
+        tile_step(p, bits, RT, NT, uni, full, lo, hi, srow, xs, dv, acc);
+    }
+    UNROLL
+    for (int t = 0; t < NT; t++) {
+        const float *sx = m->sx + (n0 + t) * ng;
+        float *y = m->y + (n0 + t) * m->rows + o;
+        UNROLL
+        for (int r = 0; r < RT; r++)
+            acc[r][t] = _mm256_sub_ps(acc[r][t], zero_vec(srow[r], m->zeros + (o + r) * ng, sx, ng));
+        if (RT == 4) _mm_storeu_ps(y, hsum4x8(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+        else
+            UNROLL
+            for (int r = 0; r < RT; r++) y[r] = hsum8(acc[r][t]);
+    }
+}
+
+TZQ_INLINE void rows_bits(tzq_qmm *m, const int bits, const int uni, int64_t r0, int64_t r1)
 {
     const x86_prep *p = (const x86_prep *)m->kern;
-    const int64_t rb = m->cols * bits / 8;
-    uint8_t tail_lo[32] = {0}, tail_hi[16] = {0};
-    for (int64_t o = r0; o < r1; o++) {
-        if (p->full < p->nsteps) { /* the row ends inside the last step: zero-padded copy */
-            const uint8_t *row = m->codes + o * rb;
-            if (bits == 3) {
-                memcpy(tail_lo, row + 32 * p->full, (size_t)(m->cols / 4 - 32 * p->full));
-                memcpy(tail_hi, row + m->cols / 4 + 16 * p->full, (size_t)(m->cols / 8 - 16 * p->full));
-            } else {
-                memcpy(tail_lo, row + 32 * p->full, (size_t)(rb - 32 * p->full));
+    const int64_t cols = m->cols, rb = cols * bits / 8, full = p->full;
+    uint8_t tails[RT_MAX][TAIL];
+    memset(tails, 0, sizeof(tails));
+    for (int64_t o = r0; o < r1; o += RT_MAX) {
+        const int nr = r1 - o < RT_MAX ? (int)(r1 - o) : RT_MAX;
+        if (full < p->nsteps) /* the rows end inside the last step: zero-padded copies */
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *row = m->codes + (o + r) * rb;
+                if (bits == 3) {
+                    memcpy(tails[r], row + 32 * full, (size_t)(cols / 4 - 32 * full));
+                    memcpy(tails[r] + 32, row + cols / 4 + 16 * full, (size_t)(cols / 8 - 16 * full));
+                } else {
+                    memcpy(tails[r], row + 32 * full, (size_t)(rb - 32 * full));
+                }
             }
-        }
-        for (int64_t n0 = 0; n0 < m->n; n0 += NT_MAX) {
-            switch (m->n - n0 < NT_MAX ? (int)(m->n - n0) : NT_MAX) {
-            case 1: row_tile(m, p, bits, 1, o, n0, tail_lo, tail_hi); break;
-            case 2: row_tile(m, p, bits, 2, o, n0, tail_lo, tail_hi); break;
-            case 3: row_tile(m, p, bits, 3, o, n0, tail_lo, tail_hi); break;
-            default: row_tile(m, p, bits, 4, o, n0, tail_lo, tail_hi); break;
+        for (int64_t n0 = 0; n0 < m->n;) {
+            const int64_t left = m->n - n0;
+            if (left >= 4) {
+                for (int r = 0; r < nr; r++) tile(m, p, bits, 1, 4, uni, o + r, n0, tails + r);
+                n0 += 4;
+            } else if (left >= 2) {
+                if (nr == 4) {
+                    tile(m, p, bits, 2, 2, uni, o, n0, tails);
+                    tile(m, p, bits, 2, 2, uni, o + 2, n0, tails + 2);
+                } else
+                    for (int r = 0; r < nr; r++) tile(m, p, bits, 1, 2, uni, o + r, n0, tails + r);
+                n0 += 2;
+            } else {
+                if (nr == 4) tile(m, p, bits, 4, 1, uni, o, n0, tails);
+                else
+                    for (int r = 0; r < nr; r++) tile(m, p, bits, 1, 1, uni, o + r, n0, tails + r);
+                n0 += 1;
             }
         }
     }
 }
 
-static void rows4(tzq_qmm *m, int64_t r0, int64_t r1) { rows_bits(m, 4, r0, r1); }
-static void rows3(tzq_qmm *m, int64_t r0, int64_t r1) { rows_bits(m, 3, r0, r1); }
-static void rows2(tzq_qmm *m, int64_t r0, int64_t r1) { rows_bits(m, 2, r0, r1); }
-static void rows8(tzq_qmm *m, int64_t r0, int64_t r1) { rows_bits(m, 8, r0, r1); }
+#define ROWS(b)                                                                         \
+    static void rows##b(tzq_qmm *m, int64_t r0, int64_t r1)                             \
+    {                                                                                   \
+        if (((const x86_prep *)m->kern)->uniform) rows_bits(m, b, 1, r0, r1);          \
+        else rows_bits(m, b, 0, r0, r1);                                                \
+    }
+ROWS(4)
+ROWS(3)
+ROWS(2)
+ROWS(8)
 
 void tzq_x86_qmm_rows(tzq_qmm *m, int64_t r0, int64_t r1)
 {

@@ -239,8 +239,28 @@ def _layout(cols: int, bits, group=None) -> None:
             _err(f"group {group} does not divide the input width {cols}")
 
 
+_U8, _F32 = np.dtype(np.uint8), np.dtype(np.float32)
+
+
+def _ok(a, dt, nd: int) -> bool:
+    """Fast path of _arr: ndarray of dtype dt, nd dims, C-contiguous."""
+    if not isinstance(a, np.ndarray) or a.ndim != nd:
+        return False
+    d = a.dtype
+    return (d is dt or d == dt) and a.flags.c_contiguous
+
+
 def _packed(codes, scales, zeros, bits, group) -> tuple:
     """Check a packed weight; returns (rows, cols)."""
+    if _ok(codes, _U8, 2) and _ok(scales, _F32, 2) and _ok(zeros, _F32, 2) and bits in _BITS \
+            and type(group) is int and group > 0 and not group & 31:
+        rows, nbytes = codes.shape
+        cols = nbytes * 8 // bits
+        if cols * bits == nbytes * 8 and cols > 0 and not cols & 31 and not cols % group:
+            sh = scales.shape
+            if sh == zeros.shape and sh[0] == rows and sh[1] * group == cols:
+                return rows, cols
+    # slow path: find the precise one-line error
     _arr(codes, "codes", np.uint8)
     if bits not in _BITS:
         _err(f"bits must be one of 2, 3, 4, 8, got {bits!r}")
@@ -338,7 +358,7 @@ class Kernels:
     def dequantize(self, codes, scales, zeros, bits: int, group: int, row_start: int = 0, row_stop=None,
                    out=None) -> np.ndarray:
         """float32 rows row_start:row_stop of W = s * (q - z) (bit-identical in every ISA)."""
-        rows, cols = self._packed_checked(codes, scales, zeros, bits, group)
+        rows, cols = _packed(codes, scales, zeros, bits, group)
         row_start = int(row_start)
         row_stop = rows if row_stop is None else int(row_stop)
         if not 0 <= row_start <= row_stop <= rows:
@@ -352,7 +372,7 @@ class Kernels:
 
     def gather_rows(self, codes, scales, zeros, bits: int, group: int, ids, out=None) -> np.ndarray:
         """Dequantized rows ids (embedding lookup): float32 [*ids.shape, cols]."""
-        rows, cols = self._packed_checked(codes, scales, zeros, bits, group)
+        rows, cols = _packed(codes, scales, zeros, bits, group)
         if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
             _err(f"ids must be a numpy integer array, got {getattr(ids, 'dtype', type(ids).__name__)}")
         shape = ids.shape
@@ -383,24 +403,29 @@ class Kernels:
     def qmatmul(self, x: np.ndarray, codes, scales, zeros, bits: int, group: int, out=None) -> np.ndarray:
         """y = x @ W.T with x quantized to int8 blocks once per call: x float32 [n, cols] (or [cols])
         -> float32 [n, rows] (or [rows]). For few rows of x (decode); use dequantize + BLAS for many."""
-        rows, cols = self._packed_checked(codes, scales, zeros, bits, group)
+        rows, cols = _packed(codes, scales, zeros, bits, group)
         if not isinstance(x, np.ndarray) or x.ndim not in (1, 2):
             _err(f"x must be a 1-D or 2-D numpy array of float32, got {getattr(x, 'shape', type(x).__name__)}")
-        _arr(x, "x", np.float32, None)
+        nd = x.ndim
+        if not _ok(x, _F32, nd):
+            _arr(x, "x", np.float32, None)
         if x.shape[-1] != cols:
             _err(f"x must have {cols} columns to match codes {codes.shape} at {bits} bits, got shape {x.shape}")
-        n = 1 if x.ndim == 1 else x.shape[0]
-        y = _out(out, (rows,) if x.ndim == 1 else (n, rows), np.float32)
-        if out is not None and np.may_share_memory(out, x):
-            _err("out must not overlap x")
+        n = 1 if nd == 1 else x.shape[0]
+        if out is None:
+            y = np.empty((rows,) if nd == 1 else (n, rows), dtype=np.float32)
+        else:
+            y = _out(out, (rows,) if nd == 1 else (n, rows), np.float32)
+            if np.may_share_memory(out, x):
+                _err("out must not overlap x")
         if n and rows:
-            self._check(self.lib.tzq_qmatmul(
-                self._p("float[]", x), n, self._p("uint8_t[]", codes), self._p("float[]", scales),
-                self._p("float[]", zeros), rows, cols, bits, group, self._p("float[]", y)), "qmatmul")
+            fb = self.ffi.from_buffer
+            rc = self.lib.tzq_qmatmul(fb("float[]", x), n, fb("uint8_t[]", codes), fb("float[]", scales),
+                                      fb("float[]", zeros), rows, cols, bits, group, fb("float[]", y))
+            if rc:
+                self._check(rc, "qmatmul")
         return y
 
-    def _packed_checked(self, codes, scales, zeros, bits, group):
-        return _packed(codes, scales, zeros, bits, group)
 
 
 # ---------------------------------------------------------------- module-level API (default path)
