@@ -82,15 +82,17 @@ def _variants():
     return variants
 
 
-def _make_ffi(name, macro, flags):
+def _make_ffi(name, macro, flags, module=None, defines=()):
+    """FFI of one variant: module tinyzq._tzq_<name> unless `module` is given (tests build
+    throw-away modules with extra `defines`, e.g. TZQ_EMULATE_VNNI)."""
     ffi = FFI()
     ffi.cdef(_cdef())
     src = "".join(['#include "%s"\n' % s for s in UNITY_SOURCES])
-    if macro:
-        src = "#define %s 1\n%s" % (macro, src)
+    for d in ([macro] if macro else []) + list(defines):
+        src = "#define %s 1\n%s" % (d, src)
     win = sys.platform == "win32"
     ffi.set_source(
-        "tinyzq._tzq_" + name,
+        module or "tinyzq._tzq_" + name,
         src,
         include_dirs=[os.path.join(HERE, CSRC)],
         # relative (when building from the project root) so that setuptools also rebuilds on changes

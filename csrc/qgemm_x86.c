@@ -4,8 +4,10 @@
  * Compiled with real code only into tinyzq._tzq_avx2 (TZQ_ISA_AVX2: -mavx2 -mfma -mf16c) and
  * tinyzq._tzq_avx512 (TZQ_ISA_AVX512: + -mavx512f -mavx512bw -mavx512vl -mavx512vnni); in every
  * other module this file is empty. The AVX-512 variant uses the same 256-bit data layout and
- * only replaces maddubs+madd by vpdpbusd, so its integer block sums are identical to AVX2's and
- * its float results are bit-identical to AVX2's.
+ * only replaces maddubs+madd by vpdpbusd, so for 2/3/4 bits its int32 lane sums and therefore its
+ * float results are bit-identical to AVX2's (8-bit: x stays int8 and lanes hold other partial
+ * sums, equal up to float reordering). The VNNI path can be built with vpdpbusd emulated in
+ * AVX2 (TZQ_EMULATE_VNNI, used by the tests) to test it on machines without AVX-512.
  *
  * Dequantization: 8 outputs at a time: broadcast the 32-bit word that holds their codes,
  * variable right shifts (vpsrlvd) put each code at the bottom of its lane, mask, convert,
@@ -41,6 +43,19 @@
 
 #if defined(TZQ_ISA_AVX512)
 #define TZQ_VNNI 1
+#define DPBUSD _mm256_dpbusd_epi32
+#elif defined(TZQ_EMULATE_VNNI)
+/* Tests only (tests/test_kernels.py builds a throw-away module with this): run the VNNI data
+   layout on an AVX2-only machine, with vpdpbusd emulated exactly (no saturation). */
+#define TZQ_VNNI 1
+static inline __m256i DPBUSD(__m256i acc, __m256i u, __m256i s)
+{
+    const __m256i a = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(u)),
+                                        _mm256_cvtepi8_epi16(_mm256_castsi256_si128(s)));
+    const __m256i b = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1)),
+                                        _mm256_cvtepi8_epi16(_mm256_extracti128_si256(s, 1)));
+    return _mm256_add_epi32(acc, _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xd8));
+}
 #else
 #define TZQ_VNNI 0
 #endif
@@ -293,12 +308,12 @@ TZQ_INLINE __m256i step_isum(const int bits, const __m256i *q, const int8_t *x)
 {
 #if TZQ_VNNI
     __m256i acc = _mm256_setzero_si256();
-    if (bits == 8) return _mm256_dpbusd_epi32(acc, q[0], _mm256_loadu_si256((const __m256i *)x));
-    acc = _mm256_dpbusd_epi32(acc, q[0], _mm256_loadu_si256((const __m256i *)x));
-    acc = _mm256_dpbusd_epi32(acc, q[1], _mm256_loadu_si256((const __m256i *)(x + 32)));
+    if (bits == 8) return DPBUSD(acc, q[0], _mm256_loadu_si256((const __m256i *)x));
+    acc = DPBUSD(acc, q[0], _mm256_loadu_si256((const __m256i *)x));
+    acc = DPBUSD(acc, q[1], _mm256_loadu_si256((const __m256i *)(x + 32)));
     if (bits == 4) return acc;
-    acc = _mm256_dpbusd_epi32(acc, q[2], _mm256_loadu_si256((const __m256i *)(x + 64)));
-    acc = _mm256_dpbusd_epi32(acc, q[3], _mm256_loadu_si256((const __m256i *)(x + 96)));
+    acc = DPBUSD(acc, q[2], _mm256_loadu_si256((const __m256i *)(x + 64)));
+    acc = DPBUSD(acc, q[3], _mm256_loadu_si256((const __m256i *)(x + 96)));
     return acc;
 #else
     const __m256i ones = _mm256_set1_epi16(1);

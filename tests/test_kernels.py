@@ -382,3 +382,51 @@ def test_bad_inputs_raise_one_line_value_errors(case):
     with pytest.raises(ValueError, match=match) as e:
         call()
     assert "\n" not in str(e.value), what
+
+
+# ------------------------------------------------------------------ the AVX-512 VNNI data path, emulated
+
+@pytest.fixture(scope="module")
+def vnni_emulated(tmp_path_factory):
+    """The VNNI variant's code (layouts, 8-bit int8 path) with vpdpbusd emulated in AVX2, built
+    here, so that it is tested on machines without AVX-512 (the real module cannot run there)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if "avx2" not in ISAS or not os.path.isfile(os.path.join(root, "build_ext.py")):
+        pytest.skip("needs AVX2 and the source tree (build_ext.py, csrc/)")
+    spec = importlib.util.spec_from_file_location("_tzq_build_ext_for_tests", os.path.join(root, "build_ext.py"))
+    be = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(be)
+    ffi = be._make_ffi("avx2", "TZQ_ISA_AVX2", ["-mavx2", "-mfma", "-mf16c", "-O1"], module="_tzq_vnni_emulated",
+                       defines=["TZQ_EMULATE_VNNI"])
+    tmp = str(tmp_path_factory.mktemp("vnni"))
+    try:
+        path = ffi.compile(tmpdir=tmp)
+    except Exception as e:  # no compiler on this machine
+        pytest.skip(f"cannot compile the emulated VNNI module: {e}")
+    spec = importlib.util.spec_from_file_location("_tzq_vnni_emulated", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return K.Kernels.from_module(mod, "avx512-emulated")
+
+
+@pytest.mark.parametrize("bits, cols, group", SHAPES)
+def test_vnni_path_equals_avx2_exactly(vnni_emulated, bits, cols, group):
+    """For 2/3/4 bits the VNNI variant only swaps maddubs+madd for dpbusd: same int32 lane sums,
+    same float code, so its results equal AVX2's bit for bit (and so must the real _tzq_avx512
+    where it runs). 8-bit lanes hold other partial sums (int8 dpbusd vs int16 madd): within the
+    reordering tolerance of the reference."""
+    rng = np.random.default_rng(bits + cols + group)
+    q, c, s, z = make_weight(rng, bits, 37, cols, group)
+    for n in (1, 2, 3, 5):
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        y = K.get("avx2").qmatmul(x, c, s, z, bits, group)
+        paths = [vnni_emulated] + ([K.get("avx512")] if "avx512" in ISAS else [])
+        for k in paths:
+            got = k.qmatmul(x, c, s, z, bits, group)
+            if bits == 8:
+                tol = 1e-5 * magnitude(x, q, s, z, group)
+                assert np.all(np.abs(got - REF.qmatmul(x, c, s, z, bits, group)) <= tol)
+            else:
+                assert np.array_equal(got, y)

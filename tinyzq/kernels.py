@@ -310,6 +310,15 @@ class Kernels:
             _err(f"module tinyzq._tzq_{name} reports ISA {got!r}")
         self.lib.tzq_set_threads(get_threads())
 
+    @classmethod
+    def from_module(cls, module, name: str) -> "Kernels":
+        """Wrap an already imported cffi module built from csrc/ (tests and benchmarks only:
+        no CPU check is made)."""
+        k = cls.__new__(cls)
+        k.name, k.ffi, k.lib = name, module.ffi, module.lib
+        k.lib.tzq_set_threads(get_threads())
+        return k
+
     def __repr__(self):
         return f"Kernels({self.name!r})"
 
