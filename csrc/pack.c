@@ -21,14 +21,14 @@ int tzq_check_layout(int64_t cols, int bits, int group)
 
 int64_t tzq_row_bytes(int64_t cols, int bits) { return cols * bits / 8; }
 
-static void pack_2bit(const uint8_t *q, uint8_t *c, int64_t cols)
+static void pack_2bit(const uint8_t *restrict q, uint8_t *restrict c, int64_t cols)
 {
     for (int64_t k = 0; k < cols / 4; k++)
         c[k] = (uint8_t)((q[4 * k] & 3) | (q[4 * k + 1] & 3) << 2 | (q[4 * k + 2] & 3) << 4 |
                          (q[4 * k + 3] & 3) << 6);
 }
 
-static void pack_row(const uint8_t *q, uint8_t *c, int64_t cols, int bits)
+static void pack_row(const uint8_t *restrict q, uint8_t *restrict c, int64_t cols, int bits)
 {
     switch (bits) {
     case 8:
@@ -54,61 +54,95 @@ static void pack_row(const uint8_t *q, uint8_t *c, int64_t cols, int bits)
     }
 }
 
-static void unpack_row(const uint8_t *c, uint8_t *q, int64_t cols, int bits)
+/* Unpacking with 64-bit SWAR on little-endian machines (all targets): spread the bit fields of
+   a word into bytes with shift/mask steps, then store 8 codes at once. Portable C, exact, and
+   several times faster than byte loops in the scalar reference (which has no SIMD flags). */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define TZQ_SWAR 1
+#else
+#define TZQ_SWAR 0
+#endif
+
+static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void st64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* 16 bits = 8 two-bit fields -> 8 bytes */
+static inline uint64_t spread2(uint64_t x)
+{
+    x = (x | (x << 24)) & 0x000000FF000000FFull;
+    x = (x | (x << 12)) & 0x000F000F000F000Full;
+    x = (x | (x << 6)) & 0x0303030303030303ull;
+    return x;
+}
+
+/* 8 bits -> 8 bytes holding 0 or 4 (bit 2 of 3-bit codes) */
+static inline uint64_t spread1x4(uint64_t x)
+{
+    x = (x | (x << 28)) & 0x0000000F0000000Full;
+    x = (x | (x << 14)) & 0x0003000300030003ull;
+    x = (x | (x << 7)) & 0x0101010101010101ull;
+    return x << 2;
+}
+
+/* nbytes of the 2-bit layout -> 4*nbytes codes (nbytes even) */
+static void unpack_2bit(const uint8_t *restrict c, uint8_t *restrict q, int64_t nbytes)
+{
+    if (TZQ_SWAR) {
+        for (int64_t k = 0; k < nbytes; k += 2) st64(q + 4 * k, spread2((uint64_t)c[k] | (uint64_t)c[k + 1] << 8));
+        return;
+    }
+    for (int64_t k = 0; k < nbytes; k++) {
+        const uint8_t v = c[k];
+        q[4 * k] = v & 3;
+        q[4 * k + 1] = (v >> 2) & 3;
+        q[4 * k + 2] = (v >> 4) & 3;
+        q[4 * k + 3] = v >> 6;
+    }
+}
+
+/* OR bit 2 of 8 codes per byte of the 3-bit high plane into q (holding the low 2 bits) */
+static void unpack_hiplane(const uint8_t *restrict h, uint8_t *restrict q, int64_t nbytes)
+{
+    if (TZQ_SWAR) {
+        for (int64_t k = 0; k < nbytes; k++) st64(q + 8 * k, ld64(q + 8 * k) | spread1x4(h[k]));
+        return;
+    }
+    for (int64_t k = 0; k < nbytes; k++)
+        for (int i = 0; i < 8; i++) q[8 * k + i] |= (uint8_t)(((h[k] >> i) & 1) << 2);
+}
+
+/* nbytes of the 4-bit layout -> 2*nbytes codes (this byte loop vectorizes well as it is) */
+static void unpack_4bit(const uint8_t *restrict c, uint8_t *restrict q, int64_t nbytes)
+{
+    for (int64_t k = 0; k < nbytes; k++) {
+        q[2 * k] = c[k] & 15;
+        q[2 * k + 1] = c[k] >> 4;
+    }
+}
+
+void tzq_unpack_row(const uint8_t *c, uint8_t *q, int64_t cols, int bits)
 {
     switch (bits) {
-    case 8:
-        memcpy(q, c, (size_t)cols);
+    case 8: memcpy(q, c, (size_t)cols); break;
+    case 4: unpack_4bit(c, q, cols / 2); break;
+    case 2: unpack_2bit(c, q, cols / 4); break;
+    case 3:
+        unpack_2bit(c, q, cols / 4);
+        unpack_hiplane(c + cols / 4, q, cols / 8);
         break;
-    case 4:
-        for (int64_t k = 0; k < cols / 2; k++) {
-            q[2 * k] = c[k] & 15;
-            q[2 * k + 1] = c[k] >> 4;
-        }
-        break;
-    case 2:
-        for (int64_t k = 0; k < cols / 4; k++)
-            for (int i = 0; i < 4; i++) q[4 * k + i] = (c[k] >> (2 * i)) & 3;
-        break;
-    case 3: {
-        const uint8_t *hi = c + cols / 4;
-        for (int64_t k = 0; k < cols / 4; k++)
-            for (int i = 0; i < 4; i++) q[4 * k + i] = (c[k] >> (2 * i)) & 3;
-        for (int64_t k = 0; k < cols / 8; k++)
-            for (int i = 0; i < 8; i++) q[8 * k + i] |= (uint8_t)(((hi[k] >> i) & 1) << 2);
-        break;
-    }
     }
 }
 
 void tzq_unpack_block(const uint8_t *row, int64_t cols, int bits, int64_t b, uint8_t q[32])
 {
     switch (bits) {
-    case 8:
-        memcpy(q, row + 32 * b, 32);
+    case 8: memcpy(q, row + 32 * b, 32); break;
+    case 4: unpack_4bit(row + 16 * b, q, 16); break;
+    case 2: unpack_2bit(row + 8 * b, q, 8); break;
+    case 3:
+        unpack_2bit(row + 8 * b, q, 8);
+        unpack_hiplane(row + cols / 4 + 4 * b, q, 4);
         break;
-    case 4: {
-        const uint8_t *p = row + 16 * b;
-        for (int k = 0; k < 16; k++) {
-            q[2 * k] = p[k] & 15;
-            q[2 * k + 1] = p[k] >> 4;
-        }
-        break;
-    }
-    case 2: {
-        const uint8_t *p = row + 8 * b;
-        for (int k = 0; k < 8; k++)
-            for (int i = 0; i < 4; i++) q[4 * k + i] = (p[k] >> (2 * i)) & 3;
-        break;
-    }
-    case 3: {
-        const uint8_t *p = row + 8 * b, *h = row + cols / 4 + 4 * b;
-        for (int k = 0; k < 8; k++)
-            for (int i = 0; i < 4; i++) q[4 * k + i] = (p[k] >> (2 * i)) & 3;
-        for (int k = 0; k < 4; k++)
-            for (int i = 0; i < 8; i++) q[8 * k + i] |= (uint8_t)(((h[k] >> i) & 1) << 2);
-        break;
-    }
     }
 }
 
@@ -145,7 +179,7 @@ static void unpack_range(void *ctx, int64_t r0, int64_t r1)
 {
     const pack_job *j = (const pack_job *)ctx;
     for (int64_t r = r0; r < r1; r++)
-        unpack_row(j->src + r * j->src_stride, j->dst + r * j->dst_stride, j->cols, j->bits);
+        tzq_unpack_row(j->src + r * j->src_stride, j->dst + r * j->dst_stride, j->cols, j->bits);
 }
 
 static int64_t grain_for(int64_t bytes_per_row)

@@ -62,24 +62,27 @@ static inline int32_t dot32(const uint8_t *q, const int8_t *x)
     return s;
 }
 
-#define REF_NT 8 /* activation rows handled together (weights unpacked once per tile) */
+#define REF_NT 8 /* activation rows handled together (weights unpacked once per row) */
 
 void tzq_ref_qmm_rows(tzq_qmm *m, int64_t r0, int64_t r1)
 {
     const int64_t rb = tzq_row_bytes(m->cols, m->bits), bpg = m->group / 32;
-    uint8_t q[32];
+    uint8_t *q = (uint8_t *)malloc((size_t)m->cols);
+    if (!q) {
+        __atomic_store_n(&m->error, TZQ_ENOMEM, __ATOMIC_RELAXED);
+        return;
+    }
     for (int64_t o = r0; o < r1; o++) {
-        const uint8_t *row = m->codes + o * rb;
         const float *s = m->scales + o * m->ng, *z = m->zeros + o * m->ng;
+        tzq_unpack_row(m->codes + o * rb, q, m->cols, m->bits);
         for (int64_t n0 = 0; n0 < m->n; n0 += REF_NT) {
             const int nt = (int)(m->n - n0 < REF_NT ? m->n - n0 : REF_NT);
             float y[REF_NT] = {0}, acc[REF_NT];
             for (int64_t g = 0; g < m->ng; g++) {
                 for (int t = 0; t < nt; t++) acc[t] = 0.0f;
                 for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {
-                    tzq_unpack_block(row, m->cols, m->bits, b, q);
                     for (int t = 0; t < nt; t++) {
-                        const int32_t isum = dot32(q, m->xi + (n0 + t) * m->cols + 32 * b);
+                        const int32_t isum = dot32(q + 32 * b, m->xi + (n0 + t) * m->cols + 32 * b);
                         acc[t] += m->d[(n0 + t) * m->nb + b] * (float)isum;
                     }
                 }
@@ -89,6 +92,7 @@ void tzq_ref_qmm_rows(tzq_qmm *m, int64_t r0, int64_t r1)
             for (int t = 0; t < nt; t++) m->y[(n0 + t) * m->rows + o] = y[t];
         }
     }
+    free(q);
 }
 
 static void qmm_range(void *ctx, int64_t r0, int64_t r1) { TZQ_QMM_ROWS((tzq_qmm *)ctx, r0, r1); }

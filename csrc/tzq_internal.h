@@ -41,6 +41,8 @@
 TZQ_HIDDEN int tzq_check_layout(int64_t cols, int bits, int group);
 /* bytes of one packed row */
 TZQ_HIDDEN int64_t tzq_row_bytes(int64_t cols, int bits);
+/* unpack one packed row of `cols` codes */
+TZQ_HIDDEN void tzq_unpack_row(const uint8_t *row, uint8_t *q, int64_t cols, int bits);
 /* unpack 32 codes of block b (elements 32b .. 32b+31) of one packed row */
 TZQ_HIDDEN void tzq_unpack_block(const uint8_t *row, int64_t cols, int bits, int64_t b, uint8_t q[32]);
 /* reference dequantization of one row (exact: s * ((float)q - z)) */
