@@ -430,3 +430,31 @@ def test_vnni_path_equals_avx2_exactly(vnni_emulated, bits, cols, group):
                 assert np.all(np.abs(got - REF.qmatmul(x, c, s, z, bits, group)) <= tol)
             else:
                 assert np.array_equal(got, y)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="fork start method only")
+def test_thread_pool_survives_fork():
+    """A forked child (e.g. a multiprocessing data loader) starts with an empty pool and works."""
+    import multiprocessing as mp
+
+    rng = np.random.default_rng(10)
+    bits, rows, cols, group = 4, 1200, 576, 64
+    q, c, s, z = make_weight(rng, bits, rows, cols, group)
+    x = rng.standard_normal((2, cols)).astype(np.float32)
+    old = K.get_threads()
+    K.set_threads(2)
+    y = K.qmatmul(x, c, s, z, bits, group)  # the parent's pool has workers now
+    ctx = mp.get_context("fork")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_fork_child, args=(b, x, c, s, z, bits, group))
+    p.start()
+    assert a.poll(60)
+    assert np.array_equal(a.recv(), y)
+    p.join(60)
+    assert p.exitcode == 0
+    assert np.array_equal(K.qmatmul(x, c, s, z, bits, group), y)
+    K.set_threads(old)
+
+
+def _fork_child(conn, x, c, s, z, bits, group):
+    conn.send(K.qmatmul(x, c, s, z, bits, group))
