@@ -155,7 +155,7 @@ static void publish_and_wait(int caller_works)
     if (P.sleepers) pthread_cond_broadcast(&P.wake);
     pthread_mutex_unlock(&P.m);
     if (caller_works) run_chunks();
-    deadline = now_us() + 2000;
+    deadline = now_us() + 200; /* the last chunks take microseconds; then sleep (a worker may be descheduled) */
     while (LOAD(&P.pending) != 0) {
         cpu_relax();
         if ((++it & 255) == 0 && now_us() > deadline) {
