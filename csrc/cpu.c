@@ -129,17 +129,17 @@ const char *tzq_isa_name(void)
 
 unsigned int tzq_isa_requires(void)
 {
-    const unsigned int avx2 = TZQ_CPU_AVX | TZQ_CPU_AVX2 | TZQ_CPU_FMA | TZQ_CPU_F16C;
+#define TZQ_REQ_AVX2 (TZQ_CPU_AVX | TZQ_CPU_AVX2 | TZQ_CPU_FMA | TZQ_CPU_F16C)
 #if defined(TZQ_ISA_AVX512)
-    return avx2 | TZQ_CPU_AVX512F | TZQ_CPU_AVX512BW | TZQ_CPU_AVX512VL | TZQ_CPU_AVX512VNNI;
+    return TZQ_REQ_AVX2 | TZQ_CPU_AVX512F | TZQ_CPU_AVX512BW | TZQ_CPU_AVX512VL | TZQ_CPU_AVX512VNNI;
 #elif defined(TZQ_ISA_AVX2)
-    return avx2;
+    return TZQ_REQ_AVX2;
 #elif defined(TZQ_ISA_DOTPROD)
     return TZQ_CPU_NEON | TZQ_CPU_DOTPROD;
 #elif defined(TZQ_ISA_NEON)
     return TZQ_CPU_NEON;
 #else
-    (void)avx2;
     return 0;
 #endif
+#undef TZQ_REQ_AVX2
 }

@@ -74,8 +74,8 @@ typedef struct {
     int sleepers;           /* guarded by m */
 } pool_t;
 
-static pool_t P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-                   PTHREAD_COND_INITIALIZER};
+static pool_t P = {.submit = PTHREAD_MUTEX_INITIALIZER, .m = PTHREAD_MUTEX_INITIALIZER,
+                   .wake = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
 static int g_threads = 1;
 static int g_spin_us = 300;
 static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
