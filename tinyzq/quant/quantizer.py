@@ -29,10 +29,10 @@ per-group broadcasting: the zero point does not move when both ends shrink by th
 Rows are processed in chunks of about CHUNK_ELEMS weights (cache-sized temporaries; peak extra memory
 is a few chunks per thread), chunks in parallel threads (NumPy releases the GIL in its loops).
 
-Measured (2-core AVX-512 VM, 1 thread; the 210 decoder linears of SmolLM2-135M, 106 M weights, g64):
-RTN ≈ 0.5 s; search with the defaults ≈ 25 s; weight MSE relative to RTN ≈ 0.51 (2-bit), 0.71
-(3-bit); on Laplace weights 0.59 / 0.76 / 0.84 at 2 / 3 / 4 bits. A second thread gave no
-speed-up on that VM (its two vCPUs share the vector units), so RTN runs on one thread by default.
+Measured (2-core AVX-512 VM; the 210 decoder linears of SmolLM2-135M, 106 M weights, g64): RTN ≈ 0.5 s;
+search with the defaults ≈ 24 s on 1 thread, ≈ 20 s on 2 (the VM's vCPUs share vector units, so RTN
+stays on one thread by default); weight MSE relative to RTN ≈ 0.51 (2-bit) and 0.71 (3-bit); on
+Laplace weights 0.59 / 0.76 / 0.84 at 2 / 3 / 4 bits (grid alone: 0.64 / 0.83 / 0.94).
 """
 from __future__ import annotations
 
