@@ -251,3 +251,17 @@ def test_quantize_errors_are_one_line():
     with pytest.raises(TinyzqError) as e:
         Q.quantize(np.zeros(576, np.float32), 4, 64)
     one_line(e)
+
+
+def test_xstats_is_mean_square_per_input():
+    rng = np.random.default_rng(6)
+    xs = [rng.standard_normal((2, 5, 64)).astype(np.float32), rng.standard_normal((7, 64)).astype(np.float32)]
+    st_ = Q.XStats(64)
+    for x in xs:
+        st_.update(x)
+    allx = np.concatenate([x.reshape(-1, 64) for x in xs]).astype(np.float64)
+    np.testing.assert_allclose(st_.value, (allx ** 2).mean(0), rtol=1e-6)
+    assert st_.value.dtype == np.float32 and st_.count == 17
+    with pytest.raises(TinyzqError) as e:
+        _ = Q.XStats(64).value
+    one_line(e)

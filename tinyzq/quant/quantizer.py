@@ -338,6 +338,30 @@ def dequantize(q, scales, zeros, group: int) -> np.ndarray:
     return w.reshape(out_f, in_f)
 
 
+class XStats:
+    """Running mean of x_j² per input channel over calibration activations: the `x_stats` of
+    `quantize_search` (the diagonal of XᵀX/n). Feed it every input of one linear layer:
+
+        st = XStats(lin.in_features); st.update(x) ...; quantize_search(w, bits, group, x_stats=st.value)
+    """
+
+    def __init__(self, in_features: int):
+        self.in_features = int(in_features)
+        self.sum = np.zeros(self.in_features, np.float64)
+        self.count = 0
+
+    def update(self, x) -> None:
+        x2 = np.asarray(x, dtype=np.float32).reshape(-1, self.in_features)
+        self.sum += np.einsum("ij,ij->j", x2, x2, dtype=np.float64)
+        self.count += x2.shape[0]
+
+    @property
+    def value(self) -> np.ndarray:
+        if self.count == 0:
+            raise TinyzqError("no calibration activations were collected")
+        return (self.sum / self.count).astype(np.float32)
+
+
 METHODS: dict[str, Callable] = {"rtn": quantize_rtn, "search": quantize_search}
 
 
@@ -349,5 +373,5 @@ def quantize(w, bits: int, group: int, method: str = "rtn", x_stats=None, name: 
     return fn(w, bits, group, x_stats=x_stats, name=name, **options)
 
 
-__all__ = ["BITS", "METHODS", "ZERO_RANGE_SCALE", "check_group", "dequantize", "quantize", "quantize_rtn",
-           "quantize_search"]
+__all__ = ["BITS", "METHODS", "ZERO_RANGE_SCALE", "XStats", "check_group", "dequantize", "quantize",
+           "quantize_rtn", "quantize_search"]
