@@ -54,10 +54,11 @@ class FloatLinear:
         self.out_features, self.in_features = self.weight.shape
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = x @ self.weight.T
+        # 2-D operands so NumPy hands the whole product to one BLAS gemm call
+        y = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32) @ self.weight.T
         if self.bias is not None:
             y += self.bias
-        return y
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         return self.weight[start:stop]
@@ -192,18 +193,18 @@ class Transformer:
             cache.k[i][:, :, pos0:pos0 + T] = k
             cache.v[i][:, :, pos0:pos0 + T] = v
             k, v = cache.k[i][:, :, :pos0 + T], cache.v[i][:, :, :pos0 + T]
-        S = k.shape[2]
-        # grouped-query attention: query heads of one KV head share its keys/values
-        q = q.reshape(B, nkv, nh // nkv, T, hd)
-        scores = (q @ k[:, :, None].swapaxes(-1, -2)) * np.float32(1.0 / math.sqrt(hd))
+        S, g = k.shape[2], nh // nkv
+        # grouped-query attention: the g query heads of one KV head are stacked as g*T rows against its
+        # keys, so every product is one plain batched gemm (no broadcast strides, which defeat BLAS)
+        q = np.ascontiguousarray(q).reshape(B, nkv, g * T, hd) * np.float32(1.0 / math.sqrt(hd))
+        scores = (q @ k.swapaxes(-1, -2)).reshape(B, nkv, g, T, S)
         if T > 1:  # causal: query at absolute position pos0+t sees keys 0..pos0+t
-            mask = np.arange(S)[None, :] > (pos0 + np.arange(T))[:, None]
-            scores[..., mask] = -np.inf
+            scores += np.where(np.arange(S)[None, :] > (pos0 + np.arange(T))[:, None], -np.inf, 0.0).astype(np.float32)
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        out = (scores @ v[:, :, None]).reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
-        return layer.o(np.ascontiguousarray(out))
+        out = (scores.reshape(B, nkv, g * T, S) @ v).reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
+        return layer.o(out)
 
     # --- heads ------------------------------------------------------------------------------------
     def logits(self, h: np.ndarray) -> np.ndarray:
