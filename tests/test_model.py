@@ -128,3 +128,34 @@ def test_sampling_is_seeded_and_respects_top_p():
     rng = np.random.default_rng(0)
     draws = {sample(logits, 1.0, 0.75, rng) for _ in range(300)}
     assert draws == {0, 1}  # the nucleus of mass 0.75 is {0, 1}
+
+
+def test_calibration_stats_match_hf_forward_hooks():
+    """Mean x² of every linear's input, collected by our taps == the same statistic from torch hooks."""
+    from tinyzq.quant.calibrate import calib_windows, collect_x_stats
+
+    m = hf_model("qwen2")
+    net = ours(m)
+    ids = calib_windows(np.random.default_rng(0).integers(0, 300, 200), ctx=48, n=3)
+    assert ids.shape == (3, 48) and ids[0, 0] != ids[1, 0]
+    sums, counts = {}, {}
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (x * x).sum(0).numpy()
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return fn
+
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+            mod.register_forward_pre_hook(hook(name + ".weight"))
+    with torch.no_grad():
+        for w in ids:
+            m(torch.from_numpy(w[None]))
+    got = collect_x_stats(net, ids)
+    assert sorted(got) == sorted(sums) and len(got) == 2 * 7
+    for name in got:
+        np.testing.assert_allclose(got[name], sums[name] / counts[name], rtol=2e-4)
+    # the model is restored: no taps left behind
+    assert all(type(getattr(layer, a)).__name__ == "FloatLinear" for layer in net.layers for a in ("q", "down"))

@@ -53,11 +53,13 @@ def test_greedy_answer_is_sensible(float_model):
 
 
 def test_bits_and_methods_order_perplexity(float_model, smollm2_gguf, val_text):
+    """Calibration uses the training split only (4 windows, computed once); scored on the validation slice."""
     ppl = {"float": float_model.perplexity(val_text, CTX, WINDOWS)["ppl"]}
     assert 5 < ppl["float"] < 100
+    x_stats = api.calibrate(float_model, windows=4)
     for bits in (4, 3, 2):
         for method in ("rtn", "search"):
-            m = api.quantize(smollm2_gguf, None, bits, 64, method, progress=False)
+            m = api.quantize(smollm2_gguf, None, bits, 64, method, progress=False, x_stats=x_stats)
             ppl[(bits, method)] = m.perplexity(val_text, CTX, WINDOWS)["ppl"]
             del m
     print(ppl)

@@ -142,11 +142,32 @@ def convert(src: str, out: str, dtype: str = "float32") -> dict:
     return {"out": out, "params": m.describe()["params"]}
 
 
+def calibrate(model: "Model | str", text: str | None = None, windows: int | None = None,
+              ctx: int | None = None, progress: bool = False) -> dict:
+    """Mean x² per input channel of every decoder linear (the `x_stats` of the search quantizer),
+    from a float forward over `windows` windows of `text` (default: the default corpus's training split,
+    never its validation slice)."""
+    from .data import default_text, split_text
+    from .quant.calibrate import CALIB_CTX, CALIB_WINDOWS, calib_windows, collect_x_stats
+
+    m = load(model) if isinstance(model, (str, os.PathLike)) else model
+    if text is None:
+        text = split_text(default_text())[0]
+    if not text.strip():
+        raise TinyzqError("the calibration text is empty")
+    ctx = min(ctx or CALIB_CTX, m.cfg.max_position_embeddings)
+    wins = calib_windows(m.tokenizer.encode(text), ctx, windows or CALIB_WINDOWS)
+    return collect_x_stats(m.net, wins, progress)
+
+
 def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str = "search",
-             progress: bool = True) -> Model:
+             progress: bool = True, calib_text: str | None = None, calib_windows: int | None = None,
+             x_stats: dict | None = None) -> Model:
     """Quantize the decoder linears of SRC (GGUF / HF dir / float .tzq) to `bits`; embeddings/lm_head to 8 bits.
 
-    Returns the quantized Model; writes it to `out` when given.
+    `search` weighs each input channel by its mean x² on calibration text (`calib_text`, default the
+    default corpus's training split; or precomputed `x_stats` from `calibrate`). Returns the quantized
+    Model; writes it to `out` when given.
     """
     from tqdm import tqdm
 
@@ -165,22 +186,29 @@ def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str 
         if is_block_linear(name):
             quantizer.check_group(shape[1], group, name)
     t0 = time.perf_counter()
+    calib = None
+    if method == "search" and x_stats is None:
+        x_stats = calibrate(m, calib_text, calib_windows, progress=progress)
+        calib = "default corpus (train split)" if calib_text is None else "user text"
+    elif method == "search":
+        calib = "given x_stats"
     names = [n for n, w in m.weights.items() if isinstance(w, FloatLinear)]
     for name in tqdm(names, desc=f"quantize W{bits}g{group} {method}", unit="tensor", disable=not progress,
                      leave=False, dynamic_ncols=True):
         lin = m.weights[name]
         if is_block_linear(name):
             b, g, meth = bits, group, method
+            xs = x_stats.get(name) if (x_stats and method == "search") else None
         else:  # embeddings and an untied lm_head: 8-bit RTN
-            b, g, meth = EMBED_BITS, EMBED_GROUP, "rtn"
+            b, g, meth, xs = EMBED_BITS, EMBED_GROUP, "rtn", None
             quantizer.check_group(lin.in_features, g, name)
-        q, s, z = quantizer.quantize(lin.weight, b, g, method=meth)
+        q, s, z = quantizer.quantize(lin.weight, b, g, method=meth, x_stats=xs, name=name)
         # scales/zeros are stored as fp16: round them now so the returned model is the saved model
         s, z = s.astype(np.float16).astype(np.float32), z.astype(np.float16).astype(np.float32)
         m.weights[name] = PackedLinear.from_codes(q, s, z, b, g, bias=lin.bias)
         del lin, q
     meta = {"bits": bits, "group": group, "method": method, "embed_bits": EMBED_BITS, "embed_group": EMBED_GROUP,
-            "source": os.path.abspath(src), "quantize_seconds": round(time.perf_counter() - t0, 2)}
+            "source": os.path.abspath(src), "calibration": calib, "quantize_seconds": round(time.perf_counter() - t0, 2)}
     qm = Model(cfg, m.tokenizer, m.weights, meta, out)
     if out is not None:
         from .io import checkpoint

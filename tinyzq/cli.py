@@ -80,7 +80,13 @@ def cmd_convert(args):
 def cmd_quantize(args):
     from .api import quantize
 
-    m = quantize(args.src, args.out, args.bits, args.group, args.method)
+    calib_text = None
+    if args.calib is not None:
+        from .data import read_text
+
+        calib_text = read_text(args.calib)
+    m = quantize(args.src, args.out, args.bits, args.group, args.method, calib_text=calib_text,
+                 calib_windows=args.calib_windows)
     d = m.describe()
     print(f"wrote {args.out}: W{args.bits}g{args.group} {args.method}, {d['packed_tensors']} packed tensors, "
           f"{d['weight_mb']:.1f} MiB of weights, embeddings/lm_head 8-bit g32 "
@@ -137,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, choices=[2, 3, 4, 8], required=True)
     s.add_argument("--group", type=_positive(int), default=64)
     s.add_argument("--method", default="search", help="rtn | search (default: search)")
+    s.add_argument("--calib", metavar="FILE", help="calibration text for search (.txt/.jsonl; default: the "
+                   "default corpus's training split)")
+    s.add_argument("--calib-windows", type=_positive(int), default=None,
+                   help="windows of 512 tokens of calibration text (default 8)")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("eval", help="perplexity on a text (non-overlapping windows, documented protocol)")

@@ -76,10 +76,14 @@ def run_demo(args) -> dict:
     _say("2. float model")
     evaluate("float", fm, 32.0)
     del fm
+    x_stats = None
+    if args.method == "search":
+        _say("   calibrating (input statistics of every linear, training split) ...")
+        x_stats = api.calibrate(float_dir, progress=True)
     for i, b in enumerate(bits_list, start=3):
         qdir = os.path.join(out, f"w{b}g{args.group}-{args.method}")
         _say(f"{i}. quantize W{b}g{args.group} ({args.method}) -> {qdir}")
-        qm = api.quantize(float_dir, qdir, b, args.group, args.method)
+        qm = api.quantize(float_dir, qdir, b, args.group, args.method, x_stats=x_stats)
         bpw = b + 2 * 16 / args.group  # codes + fp16 scale and zero per group (decoder linears)
         evaluate(f"W{b}g{args.group} {args.method}", qm, bpw)
         del qm
