@@ -68,3 +68,26 @@ def test_bits_and_methods_order_perplexity(float_model, smollm2_gguf, val_text):
     for bits in (4, 3, 2):
         assert ppl[(bits, "search")] < ppl[(bits, "rtn")]
     assert ppl[(4, "search")] < 1.5 * ppl["float"]
+
+
+def test_rtn_matches_an_independent_fake_quant_rtn(float_model, smollm2_gguf, val_text):
+    """Our packed W3g64 RTN (fp16 scales, 8-bit embeddings, C-kernel path) vs an AWQ-style NumPy fake-quant
+    RTN of the same float weights (fp32 scales, float embeddings): perplexities within 3%."""
+    from tinyzq.model import FloatLinear, Transformer, is_block_linear
+
+    def fake_rtn(w, bits=3, g=64):
+        W = w.reshape(-1, g)
+        mx, mn = W.max(1, keepdims=True), W.min(1, keepdims=True)
+        s = np.maximum(mx - mn, 1e-5) / (2**bits - 1)
+        z = np.clip(-np.round(mn / s), 0, 2**bits - 1)
+        return ((np.clip(np.round(W / s) + z, 0, 2**bits - 1) - z) * s).reshape(w.shape)
+
+    ref_w = {n: FloatLinear(fake_rtn(w.weight), w.bias) if is_block_linear(n) else w
+             for n, w in float_model.weights.items()}
+    ref = Transformer(float_model.cfg, ref_w)
+    ids = np.asarray(float_model.tokenizer.encode(val_text)[: WINDOWS * CTX]).reshape(WINDOWS, CTX)
+    ref_nll = sum(ref.sequence_nll(ids[i:i + 1])[0] for i in range(WINDOWS))
+    ours = api.quantize(smollm2_gguf, None, 3, 64, "rtn", progress=False)
+    ours_nll = sum(ours.net.sequence_nll(ids[i:i + 1])[0] for i in range(WINDOWS))
+    n = WINDOWS * (CTX - 1)
+    assert abs(np.exp(ours_nll / n) / np.exp(ref_nll / n) - 1) < 0.03
