@@ -153,3 +153,26 @@ def test_convert_roundtrip_is_exact(tiny_hf_dir, tmp_path, text_file):
     a = tinyzq.load(tiny_hf_dir).score([text])[0]
     b = tinyzq.load(str(out)).score([text])[0]
     assert a == b
+
+
+def test_convert_scripts_wrap_the_api(tiny_hf_dir, tmp_path, text_file):
+    """convert/hf_to_tzq.py gives the same model as the API; each script refuses the other kind of source."""
+    import tinyzq
+
+    root = os.path.join(os.path.dirname(__file__), "..", "convert")
+
+    def script(name, *args):
+        return subprocess.run([sys.executable, os.path.join(root, name), *map(str, args)], capture_output=True,
+                              text=True, timeout=600)
+
+    out = tmp_path / "s.tzq"
+    p = script("hf_to_tzq.py", tiny_hf_dir, out, "--dtype", "float16")
+    assert p.returncode == 0, p.stderr
+    text = text_file.read_text()[:3000]
+    ref = tinyzq.load(tiny_hf_dir).score([text])[0]
+    assert abs(tinyzq.load(str(out)).score([text])[0] / ref - 1) < 1e-2  # fp16 storage
+    assert_one_line_error(script("gguf_to_tzq.py", tiny_hf_dir, tmp_path / "x"), "hf_to_tzq.py")
+    assert_one_line_error(script("hf_to_tzq.py", tmp_path / "missing", tmp_path / "y"), "missing")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00")
+    assert_one_line_error(script("gguf_to_tzq.py", bad, tmp_path / "z"))
