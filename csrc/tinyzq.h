@@ -90,6 +90,16 @@ int tzq_quantize_activations(const float *x, int64_t n, int64_t cols, int8_t *xi
 int tzq_qmatmul(const float *x, int64_t n,
                 const uint8_t *codes, const float *scales, const float *zeros,
                 int64_t rows, int64_t cols, int bits, int group, float *y);
+/* ---- rng.c: counter-based random directions z = f(seed, tensor_id, index) for ZO training ---- */
+enum { TZQ_RNG_GAUSSIAN = 0, TZQ_RNG_RADEMACHER = 1 };
+/* the raw 64-bit draw r[index] of stream (seed, tensor_id) (the generator is specified in rng.c) */
+uint64_t tzq_rng_bits(uint64_t seed, uint64_t tensor_id, int64_t index);
+/* out[i] = z_i, i < n (float32) */
+int tzq_rng_fill(float *out, int64_t n, uint64_t seed, uint64_t tensor_id, int dist);
+/* dst[i] = src[i] + (a*z_i)            (mult == 0)
+   dst[i] = src[i] + (a*z_i)*src[i]     (mult != 0);  dst may equal src (in place) */
+int tzq_rng_axpy(const float *src, float *dst, int64_t n, uint64_t seed, uint64_t tensor_id, int dist,
+                 float a, int mult);
 /* END CDEF */
 
 #ifdef __cplusplus

@@ -39,6 +39,7 @@ class KernelError(ValueError, _Base):
 
 __all__ = ["isa", "available_isas", "built_isas", "cpu_features", "set_threads", "get_threads",
            "pack", "unpack", "dequantize", "gather_rows", "qmatmul", "quantize_activations",
+           "rng_bits", "rng_fill", "rng_axpy",
            "Kernels", "use", "get", "KernelError", "ALL_ISAS"]
 
 ALL_ISAS = ("ref", "avx2", "avx512", "neon", "dotprod")
@@ -436,6 +437,51 @@ class Kernels:
         return y
 
 
+    # -- counter-based random directions (csrc/rng.c) for zeroth-order training
+    def rng_bits(self, seed: int, tensor_id: int, index: int) -> int:
+        """The raw 64-bit draw r[index] of the stream (seed, tensor_id) (specified in csrc/rng.c)."""
+        return int(self.lib.tzq_rng_bits(_u64(seed), _u64(tensor_id), int(index)))
+
+    def rng_fill(self, n: int, seed: int, tensor_id: int, dist: str = "gaussian", out=None) -> np.ndarray:
+        """z[i] = f(seed, tensor_id, i), i < n, float32 (dist 'gaussian' or 'rademacher')."""
+        n = int(n)
+        out = _out(out, (n,), np.float32)
+        if n:
+            self._check(self.lib.tzq_rng_fill(self._p("float[]", out), n, _u64(seed), _u64(tensor_id), _dist(dist)),
+                        "rng_fill")
+        return out
+
+    def rng_axpy(self, src: np.ndarray, dst: np.ndarray, seed: int, tensor_id: int, a: float,
+                 dist: str = "gaussian", mult: bool = False) -> np.ndarray:
+        """dst = src + (a*z) (or src + (a*z)*src with mult), z = f(seed, tensor_id, flat index), fp32.
+        dst may be src (in place); both float32 C-contiguous of the same size."""
+        _arr(src, "src", np.float32, None)
+        _arr(dst, "dst", np.float32, None)
+        if src.size != dst.size:
+            _err(f"src and dst must have the same size, got {src.size} and {dst.size}")
+        if not dst.flags.writeable:
+            _err("dst must be writeable")
+        if dst.size:
+            self._check(self.lib.tzq_rng_axpy(self._p("float[]", src), self._p("float[]", dst), src.size, _u64(seed),
+                                              _u64(tensor_id), _dist(dist), float(a), 1 if mult else 0), "rng_axpy")
+        return dst
+
+
+_DISTS = {"gaussian": 0, "rademacher": 1}
+
+
+def _dist(dist: str) -> int:
+    if dist not in _DISTS:
+        _err(f"dist must be 'gaussian' or 'rademacher', got {dist!r}")
+    return _DISTS[dist]
+
+
+def _u64(v) -> int:
+    v = int(v)
+    if not 0 <= v < 1 << 64:
+        _err(f"seeds and tensor ids must be in [0, 2^64), got {v}")
+    return v
+
 
 # ---------------------------------------------------------------- module-level API (default path)
 
@@ -463,6 +509,18 @@ def quantize_activations(x: np.ndarray):
     return get().quantize_activations(x)
 
 
-for _f in (pack, unpack, dequantize, gather_rows, qmatmul, quantize_activations):
+def rng_bits(seed: int, tensor_id: int, index: int) -> int:
+    return get().rng_bits(seed, tensor_id, index)
+
+
+def rng_fill(n: int, seed: int, tensor_id: int, dist: str = "gaussian", out=None) -> np.ndarray:
+    return get().rng_fill(n, seed, tensor_id, dist, out)
+
+
+def rng_axpy(src, dst, seed: int, tensor_id: int, a: float, dist: str = "gaussian", mult: bool = False):
+    return get().rng_axpy(src, dst, seed, tensor_id, a, dist, mult)
+
+
+for _f in (pack, unpack, dequantize, gather_rows, qmatmul, quantize_activations, rng_bits, rng_fill, rng_axpy):
     _f.__doc__ = getattr(Kernels, _f.__name__).__doc__
 del _f
