@@ -5,8 +5,8 @@
  * of these macros defined (none means the portable reference):
  *   TZQ_ISA_AVX2     x86-64, -mavx2 -mfma -mf16c            (qgemm_x86.c)
  *   TZQ_ISA_AVX512   x86-64, + -mavx512f/bw/vl/vnni          (qgemm_x86.c, VNNI dpbusd)
- *   TZQ_ISA_NEON     aarch64 armv8-a                         (qgemm_arm.c, later)
- *   TZQ_ISA_DOTPROD  aarch64 armv8.2-a+dotprod               (qgemm_arm.c, later)
+ *   TZQ_ISA_NEON     aarch64 armv8-a, no sdot (Cortex-A72/A53) (qgemm_arm.c, vmull/vpadal)
+ *   TZQ_ISA_DOTPROD  aarch64 armv8.2-a+dotprod               (qgemm_arm.c, vdotq_s32)
  * A module only ever runs on a CPU that has its features (kernels.py checks before importing).
  *
  * Each variant provides the row kernels below; the public entry points (pack.c, qgemm_ref.c)
@@ -33,8 +33,11 @@
 #else
 #define TZQ_KERN_X86 0
 #endif
-/* NEON / dotprod kernels come in a later change: until then those modules use the reference. */
+#if defined(TZQ_ISA_NEON) || defined(TZQ_ISA_DOTPROD)
+#define TZQ_KERN_ARM 1
+#else
 #define TZQ_KERN_ARM 0
+#endif
 
 /* ---- common checks (pack.c) ---- */
 /* TZQ_OK if bits in {2,3,4,8}, cols > 0, cols % 32 == 0; group too unless group == 0. */
@@ -85,6 +88,16 @@ TZQ_HIDDEN void tzq_x86_qmm_release(tzq_qmm *m);
 #define TZQ_QMM_PREPARE tzq_x86_qmm_prepare
 #define TZQ_QMM_ROWS tzq_x86_qmm_rows
 #define TZQ_QMM_RELEASE tzq_x86_qmm_release
+#elif TZQ_KERN_ARM
+TZQ_HIDDEN void tzq_arm_dequant_row(const uint8_t *row, const float *s, const float *z,
+                                    int64_t cols, int bits, int group, float *out);
+TZQ_HIDDEN int tzq_arm_qmm_prepare(tzq_qmm *m);
+TZQ_HIDDEN void tzq_arm_qmm_rows(tzq_qmm *m, int64_t r0, int64_t r1);
+TZQ_HIDDEN void tzq_arm_qmm_release(tzq_qmm *m);
+#define TZQ_DEQUANT_ROW tzq_arm_dequant_row
+#define TZQ_QMM_PREPARE tzq_arm_qmm_prepare
+#define TZQ_QMM_ROWS tzq_arm_qmm_rows
+#define TZQ_QMM_RELEASE tzq_arm_qmm_release
 #else
 #define TZQ_DEQUANT_ROW tzq_ref_dequant_row
 #define TZQ_QMM_PREPARE(m) TZQ_OK
