@@ -117,6 +117,8 @@ def load(path: str) -> Model:
     from .io import checkpoint
 
     path = _check_path(path)
+    if not checkpoint.is_tzq_dir(path) and checkpoint.is_tzq_dir(os.path.join(path, "model")):
+        path = os.path.join(path, "model")  # a `tinyzq train` run directory: its trained model
     if checkpoint.is_tzq_dir(path):
         cfg, tok, weights, meta = checkpoint.load(path)
         return Model(cfg, tok, weights, meta, path)
@@ -216,3 +218,16 @@ def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str 
         qm.save(out)
         qm.meta = checkpoint.read_quant_json(out)
     return qm
+
+
+def train(model: "Model | str", out: str, steps: int | None = None, minutes: float | None = None,
+          train: str = "scales", resume: bool = False, progress: bool = True, **options) -> dict:
+    """Zeroth-order QAT of a packed model (forward passes only) into the run directory `out`.
+
+    `train`: 'scales' (per-group scales/zeros + norms), 'qv' or 'latent'; `options`: the fields of
+    tinyzq.train.TrainConfig (lr, eps, n_dirs, dist, schedule, warmup, clip, normalize, layers_per_step,
+    batch, ctx, seed, eval_every, val_windows, save_every, text, teacher, kd_topk, kd_alpha).
+    The trained model is `out/model` (`tinyzq.load(out)` opens it). Returns the report dict."""
+    from .train import run
+
+    return run(model, out, resume=resume, progress=progress, steps=steps, minutes=minutes, train=train, **options)

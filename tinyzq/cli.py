@@ -117,6 +117,24 @@ def cmd_generate(args):
     sys.stdout.write("\n")
 
 
+def cmd_train(args):
+    from . import api
+
+    opts = {k: getattr(args, k) for k in ("lr", "eps", "n_dirs", "dist", "schedule", "warmup", "clip", "layers_per_step",
+                                          "batch", "ctx", "seed", "eval_every", "val_windows", "save_every", "text",
+                                          "teacher", "kd_topk", "kd_alpha")}
+    opts["normalize"] = not args.raw_gradient
+    if args.resume:  # the run's own settings are kept; only the budget may change
+        opts = {}
+    elif not os.path.exists(args.model):
+        raise TinyzqError(f"{args.model}: no such file or directory")
+    r = api.train(args.model, args.out, steps=args.steps, minutes=args.minutes, train=args.train, resume=args.resume,
+                  **opts)
+    print(f"validation ppl {r['val_ppl_before']:.4f} -> {r['val_ppl_after']:.4f} after {r['steps']} steps "
+          f"({r['train']}); trained model: {os.path.join(args.out, 'model')}; log, report.json and report.svg "
+          f"in {args.out}")
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -167,6 +185,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("train", help="zeroth-order QAT of a packed model (forward passes only)")
+    s.add_argument("model", help="packed .tzq model (from tinyzq quantize)")
+    s.add_argument("out", help="run directory: model/, checkpoint/, log.jsonl, report.json, report.svg")
+    b = s.add_mutually_exclusive_group()
+    b.add_argument("--steps", type=_nonneg(int), help="number of ZO steps")
+    b.add_argument("--minutes", type=_positive(float), help="time budget instead of a number of steps")
+    s.add_argument("--train", choices=["scales", "qv", "latent"], default="scales",
+                   help="what is trained: scales (per-group scales/zeros + norms; default), qv (fp Q/V projections), "
+                        "latent (fp latent weights + learnable clipping, re-quantized every forward)")
+    s.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-4 scales, 1e-5 qv/latent)")
+    s.add_argument("--eps", type=float, default=1e-3, help="perturbation size (relative for scales/norms)")
+    s.add_argument("--n-dirs", type=_positive(int), default=1, help="random directions averaged per step")
+    s.add_argument("--dist", choices=["gaussian", "rademacher"], default="gaussian")
+    s.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="constant")
+    s.add_argument("--warmup", type=_nonneg(int), default=0, help="linear warm-up steps")
+    s.add_argument("--clip", type=_positive(float), default=3.0,
+                   help="clip the projected gradient at CLIP x its running RMS (absolute with --raw-gradient)")
+    s.add_argument("--raw-gradient", action="store_true",
+                   help="use the raw projected gradient instead of normalising by its running RMS")
+    s.add_argument("--layers-per-step", type=_nonneg(int), default=0,
+                   help="perturb a random subset of this many decoder layers per step (0 = all)")
+    s.add_argument("--text", metavar="FILE", help=".txt, .jsonl with 'text', or chat .jsonl with 'messages' "
+                   "(default: the default corpus); split 90/10 into training/validation")
+    s.add_argument("--ctx", type=_positive(int), default=512)
+    s.add_argument("--batch", type=_positive(int), default=2, help="windows per step")
+    s.add_argument("--seed", type=_nonneg(int), default=0)
+    s.add_argument("--eval-every", type=_nonneg(int), default=100, help="validation every N steps (0: start/end)")
+    s.add_argument("--val-windows", type=_positive(int), default=64)
+    s.add_argument("--save-every", type=_positive(int), default=50, help="checkpoint every N steps")
+    s.add_argument("--resume", action="store_true", help="continue the run in OUT exactly where its checkpoint is")
+    s.add_argument("--teacher", metavar="SRC", help="float model for knowledge distillation (top-k cached on disk)")
+    s.add_argument("--kd-topk", type=_positive(int), default=16)
+    s.add_argument("--kd-alpha", type=float, default=0.5, help="loss = (1-a) CE + a KL(teacher top-k || student)")
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("demo", help="the whole pipeline on the bundled SmolLM2-135M and the default text")
     s.add_argument("--out", default="demo-out")

@@ -70,3 +70,12 @@ def write_svg(path: str, svg: str) -> None:
 
     with atomic_file(path) as f:
         f.write(svg)
+
+
+def stack_svgs(svgs: list, width: int = 640, height: int = 400) -> str:
+    """Several line_chart documents one below the other in one SVG document."""
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height * len(svgs)}">']
+    for i, s in enumerate(svgs):
+        out.append(s.replace("<svg ", f'<svg y="{i * height}" ', 1))
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

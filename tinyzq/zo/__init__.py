@@ -1,0 +1,1 @@
+"""Zeroth-order training: trainable sets (params), the seeded SPSA estimator (spsa), ZO-SGD (optim)."""
