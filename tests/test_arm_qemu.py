@@ -1,9 +1,9 @@
 """The aarch64 kernels (csrc/qgemm_arm.c), cross-compiled and run under qemu-aarch64.
 
 tests/arm/gen_cases.py writes golden cases from the NumPy reference into a temporary file;
-tests/arm/harness.c (the C API with csrc/*.c linked in, no Python on the ARM side) is built
-statically with aarch64-linux-gnu-gcc three times, with build_ext.py's flags for the aarch64
-modules: ref, neon (-march=armv8-a, must run on a Raspberry Pi 4) and dotprod
+tests/arm/harness.c (the C API, with csrc/ compiled in as build_ext.py's unity source; no Python
+on the ARM side) is built statically with aarch64-linux-gnu-gcc three times, with build_ext.py's
+flags for the aarch64 modules: ref, neon (-march=armv8-a, must run on a Raspberry Pi 4) and dotprod
 (-march=armv8.2-a+dotprod). Then:
 
 - ref and neon pass under `-cpu cortex-a72` (no dotprod: an SDOT there is SIGILL) and `-cpu max`;
@@ -21,7 +21,6 @@ Skipped, with the reason, when the cross compiler or qemu is missing (.ci/run in
 import importlib.util
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -51,18 +50,23 @@ def _load(path, name):
     return mod
 
 
-def _build_flags():
-    """(base flags, {variant: flags}) of the aarch64 modules, from build_ext.py (one source of truth:
-    -ffp-contract=off there is what makes the reference bit-exact with NumPy)."""
+def _build_config():
+    """(base flags, {variant: flags}, unity sources) of the aarch64 modules, from build_ext.py (one
+    source of truth: -ffp-contract=off there is what makes the reference bit-exact with NumPy)."""
     be = _load(os.path.join(ROOT, "build_ext.py"), "_tzq_build_ext_for_arm_tests")
     variants = {}
     for name, macro, flags in be._VARIANTS["aarch64"]:
         variants[name] = list(flags) + (["-D" + macro] if macro else [])
-    return list(be._BASE_FLAGS), variants
+    return list(be._BASE_FLAGS), variants, list(be.UNITY_SOURCES)
 
 
-def _no_core():
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def _no_core():  # qemu dumps core for a guest SIGILL (the forced dotprod run): not in the tmp dir
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def _qemu(binary, cpu, cases, *args, cwd=None):
@@ -88,13 +92,18 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def binaries(work):
-    base, variants = _build_flags()
-    sources = sorted(os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith(".c"))
+    base, variants, unity = _build_config()
+    # the kernels as one translation unit, exactly like build_ext.py's modules (so that name
+    # clashes between sources that only meet in an aarch64 build are caught here too)
+    src = os.path.join(work["dir"], "tzq_unity.c")
+    with open(src, "w") as f:
+        # (a listed source that does not exist yet breaks every build anyway: not this test's job)
+        f.write("".join('#include "%s"\n' % u for u in unity if os.path.exists(os.path.join(CSRC, u))))
     flags = base + ["-Wall", "-Wextra", "-pedantic", "-static", "-pthread", "-I" + CSRC]
 
     def build(name):
         out = os.path.join(work["dir"], "harness_" + name)
-        cmd = [GCC] + flags + variants[name] + ["-o", out, os.path.join(ARM, "harness.c")] + sources + ["-lm"]
+        cmd = [GCC] + flags + variants[name] + ["-o", out, os.path.join(ARM, "harness.c"), src, "-lm"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
         return name, out, r
 
