@@ -32,7 +32,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
-UNITY_SOURCES = ["cpu.c", "threads.c", "pack.c", "qgemm_ref.c", "qgemm_x86.c", "qgemm_arm.c", "rng.c"]
+UNITY_SOURCES = ["cpu.c", "threads.c", "pack.c", "qgemm_ref.c", "qgemm_x86.c", "qgemm_arm.c", "rng.c", "membw.c", "attn.c"]
 HEADERS = ["tinyzq.h", "tzq_internal.h"]
 
 _BASE_FLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-fvisibility=hidden"]
@@ -98,7 +98,7 @@ def _make_ffi(name, macro, flags, module=None, defines=()):
         # relative (when building from the project root) so that setuptools also rebuilds on changes
         depends=[os.path.relpath(os.path.join(HERE, CSRC, f)) for f in UNITY_SOURCES + HEADERS],
         extra_compile_args=[] if win else _BASE_FLAGS + flags,
-        libraries=[] if win else ["pthread"],
+        libraries=[] if win else ["pthread", "m"],
     )
     return ffi
 

@@ -90,6 +90,16 @@ int tzq_quantize_activations(const float *x, int64_t n, int64_t cols, int8_t *xi
 int tzq_qmatmul(const float *x, int64_t n,
                 const uint8_t *codes, const float *scales, const float *zeros,
                 int64_t rows, int64_t cols, int bits, int group, float *y);
+/* ---- membw.c: memory bandwidth probe (tinyzq bench) ---- */
+/* reads all n bytes of buf once on the thread pool; returns the wrapping sum of its 64-bit words */
+uint64_t tzq_stream_read(const uint8_t *buf, int64_t n);
+/* ---- attn.c: one decode step (T = 1) of grouped-query attention with a KV cache ---- */
+/* q [B, nh*hd] (row stride qs), k/v [B, nkv*hd] (strides ks, vs): this position's projections;
+   cos/sin [hd/2] of position pos; RoPE on q and k, roped k and v stored at pos of kcache/vcache
+   [B, nkv, max_len, hd]; out [B, nh*hd] = softmax(scale * q.K^T) V over positions 0..pos. */
+int tzq_attn_decode(const float *q, const float *k, const float *v, int64_t B, int64_t nh, int64_t nkv,
+                    int64_t hd, int64_t qs, int64_t ks, int64_t vs, const float *cos, const float *sin,
+                    float *kcache, float *vcache, int64_t max_len, int64_t pos, float scale, float *out);
 /* ---- rng.c: counter-based random directions z = f(seed, tensor_id, index) for ZO training ---- */
 enum { TZQ_RNG_GAUSSIAN = 0, TZQ_RNG_RADEMACHER = 1 };
 /* the raw 64-bit draw r[index] of stream (seed, tensor_id) (the generator is specified in rng.c) */

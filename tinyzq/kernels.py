@@ -40,7 +40,7 @@ class KernelError(ValueError, _Base):
 __all__ = ["isa", "available_isas", "built_isas", "cpu_features", "set_threads", "get_threads",
            "pack", "unpack", "dequantize", "gather_rows", "qmatmul", "quantize_activations",
            "rng_bits", "rng_fill", "rng_axpy",
-           "Kernels", "use", "get", "KernelError", "ALL_ISAS"]
+           "Kernels", "BoundWeight", "use", "get", "KernelError", "ALL_ISAS"]
 
 ALL_ISAS = ("ref", "avx2", "avx512", "neon", "dotprod")
 _PREFERENCE = ("avx512", "avx2", "dotprod", "neon", "ref")  # best first
@@ -436,6 +436,48 @@ class Kernels:
                 self._check(rc, "qmatmul")
         return y
 
+    def bind(self, codes, scales, zeros, bits: int, group: int) -> "BoundWeight":
+        """A packed weight checked once, with its C pointers cached, for many fast qmatmul calls
+        (decode). The arrays are held, not copied: in-place updates of scales/zeros are seen."""
+        return BoundWeight(self, codes, scales, zeros, bits, group)
+
+    def stream_read(self, buf: np.ndarray) -> int:
+        """Read every byte of a contiguous array once on the thread pool (memory bandwidth probe);
+        returns the wrapping sum of its 64-bit words."""
+        if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
+            _err("buf must be a C-contiguous numpy array")
+        return int(self.lib.tzq_stream_read(self._p("uint8_t[]", buf.reshape(-1).view(np.uint8)), buf.nbytes))
+
+    def attn_decode(self, q, k, v, nh: int, nkv: int, cos, sin, kcache, vcache, pos: int, scale: float,
+                    out=None) -> np.ndarray:
+        """One decode step of GQA attention (csrc/attn.c): q [B, >= nh*hd], k/v [B, >= nkv*hd] float32
+        with unit stride along the last axis (views into a fused qkv output are fine); cos/sin [hd/2];
+        kcache/vcache [B, nkv, max_len, hd] (RoPE'd k and v are written at `pos`). -> out [B, nh*hd]."""
+        kcache = _arr(kcache, "kcache", np.float32, 4)
+        vcache = _arr(vcache, "vcache", np.float32, 4)
+        B, nkv_c, max_len, hd = kcache.shape
+        if vcache.shape != kcache.shape or nkv_c != nkv or nh % nkv or not 0 <= pos < max_len:
+            _err(f"attn_decode: caches {kcache.shape}/{vcache.shape} do not fit nkv={nkv}, nh={nh}, pos={pos}")
+        cos = _arr(cos, "cos", np.float32, 1)
+        sin = _arr(sin, "sin", np.float32, 1)
+        if cos.shape != (hd // 2,) or sin.shape != (hd // 2,):
+            _err(f"cos/sin must have shape ({hd // 2},)")
+        ptrs, strides = [], []
+        for name, a, w in (("q", q, nh * hd), ("k", k, nkv * hd), ("v", v, nkv * hd)):
+            if not isinstance(a, np.ndarray) or a.dtype != _F32 or a.ndim != 2 or a.shape[0] != B \
+                    or a.shape[1] < w or a.strides[1] != 4 or a.strides[0] % 4:
+                _err(f"attn_decode: {name} must be float32 [{B}, >= {w}] with unit stride along its rows")
+            ptrs.append(self.ffi.cast("float *", a.__array_interface__["data"][0]))
+            strides.append(a.strides[0] // 4)
+        out = _out(out, (B, nh * hd), np.float32)
+        rc = self.lib.tzq_attn_decode(ptrs[0], ptrs[1], ptrs[2], B, nh, nkv, hd, strides[0], strides[1], strides[2],
+                                      self._p("float[]", cos), self._p("float[]", sin), self._p("float[]", kcache),
+                                      self._p("float[]", vcache), max_len, int(pos), float(scale),
+                                      self._p("float[]", out))
+        if rc:
+            self._check(rc, "attn_decode")
+        return out
+
 
     # -- counter-based random directions (csrc/rng.c) for zeroth-order training
     def rng_bits(self, seed: int, tensor_id: int, index: int) -> int:
@@ -481,6 +523,38 @@ def _u64(v) -> int:
     if not 0 <= v < 1 << 64:
         _err(f"seeds and tensor ids must be in [0, 2^64), got {v}")
     return v
+
+
+class BoundWeight:
+    """A packed weight bound to one kernel module: shapes checked once, C pointers cached.
+
+    `bw(x2, out)` is Kernels.qmatmul for a C-contiguous float32 x2 [n, cols] without the per-call
+    checks. The cached pointers are only used while `codes`, `scales` and `zeros` are still the very
+    arrays given here (`valid()`); callers that may reassign them re-bind."""
+
+    __slots__ = ("k", "codes", "scales", "zeros", "bits", "group", "rows", "cols", "_pc", "_ps", "_pz")
+
+    def __init__(self, k: Kernels, codes, scales, zeros, bits: int, group: int):
+        self.rows, self.cols = _packed(codes, scales, zeros, bits, group)
+        self.k, self.codes, self.scales, self.zeros, self.bits, self.group = k, codes, scales, zeros, bits, group
+        fb = k.ffi.from_buffer
+        self._pc, self._ps, self._pz = fb("uint8_t[]", codes), fb("float[]", scales), fb("float[]", zeros)
+
+    def valid(self, codes, scales, zeros) -> bool:
+        return codes is self.codes and scales is self.scales and zeros is self.zeros and self.k is get()
+
+    def __call__(self, x2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if not _ok(x2, _F32, 2) or x2.shape[1] != self.cols:
+            _err(f"x must be C-contiguous float32 [n, {self.cols}], got {getattr(x2, 'shape', None)}")
+        n = x2.shape[0]
+        y = np.empty((n, self.rows), dtype=np.float32) if out is None else out
+        if n and self.rows:
+            fb = self.k.ffi.from_buffer
+            rc = self.k.lib.tzq_qmatmul(fb("float[]", x2), n, self._pc, self._ps, self._pz, self.rows, self.cols,
+                                        self.bits, self.group, fb("float[]", y))
+            if rc:
+                self.k._check(rc, "qmatmul")
+        return y
 
 
 # ---------------------------------------------------------------- module-level API (default path)

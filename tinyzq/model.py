@@ -71,6 +71,22 @@ class FloatLinear:
         return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
 
+def _fuse(parts):
+    """A fused linear for parts sharing one input (q/k/v, gate/up) if their type supports it."""
+    fuse = getattr(type(parts[0]), "fuse", None)
+    return fuse(parts) if fuse is not None else None
+
+
+def _decode_kernels():
+    """The C kernels for the T = 1 attention step, or None when they are not built."""
+    try:
+        from . import kernels
+
+        return kernels.get()
+    except ImportError:
+        return None
+
+
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     var = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
     return (x * (1.0 / np.sqrt(var + eps))).astype(np.float32, copy=False) * w
@@ -121,6 +137,8 @@ class Layer:
     gate: object
     up: object
     down: object
+    qkv: object = None      # q/k/v fused into one kernel call (see _fuse), or None
+    gate_up: object = None  # gate/up fused likewise
 
 
 class KVCache:
@@ -159,6 +177,17 @@ class Transformer:
         self.norm = weights["model.norm.weight"]
         self.head = weights.get("lm_head.weight", self.embed) if not cfg.tie_word_embeddings else self.embed
         self.inv_freq = rope_inv_freq(cfg)
+        for layer in self.layers:
+            layer.qkv = _fuse([layer.q, layer.k, layer.v])
+            layer.gate_up = _fuse([layer.gate, layer.up])
+
+    def _proj(self, fused, parts, h):
+        """The outputs of `parts` on h: one call of their fused linear while it is intact (the parts
+        still hold views into it, see tinyzq/quant/packed.py), else one call per part."""
+        if fused is not None and fused.parts[0] is parts[0] and all(a is b for a, b in zip(fused.parts, parts)) \
+                and fused.intact():
+            return fused.split(fused(h))
+        return [p(h) for p in parts]
 
     # --- the forward pass -------------------------------------------------------------------------
     def hidden(self, tokens: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
@@ -173,10 +202,16 @@ class Transformer:
         ang = np.arange(pos0, pos0 + T, dtype=np.float64)[:, None] * self.inv_freq[None, :]
         cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
         x = self.embed.take(tokens.reshape(-1).astype(np.int64)).reshape(B, T, -1).astype(np.float32, copy=False)
+        fast = cache is not None and T == 1 and _decode_kernels() is not None
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps), cos, sin, cache, pos0)
+            h = rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps)
+            if fast:
+                x = x + self._attention_decode(i, layer, h, cos, sin, cache, pos0)
+            else:
+                x = x + self._attention(i, layer, h, cos, sin, cache, pos0)
             h = rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps)
-            x = x + layer.down(silu(layer.gate(h)) * layer.up(h))
+            g, u = self._proj(layer.gate_up, [layer.gate, layer.up], h)
+            x = x + layer.down(silu(g) * u)
         if cache is not None:
             cache.length = pos0 + T
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
@@ -185,9 +220,10 @@ class Transformer:
         cfg = self.cfg
         B, T, _ = h.shape
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = layer.q(h).reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
-        k = layer.k(h).reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
-        v = layer.v(h).reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
+        q, k, v = self._proj(layer.qkv, [layer.q, layer.k, layer.v], h)
+        q = q.reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
+        k = k.reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
+        v = v.reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache.k[i][:, :, pos0:pos0 + T] = k
@@ -205,6 +241,19 @@ class Transformer:
         scores /= scores.sum(axis=-1, keepdims=True)
         out = (scores.reshape(B, nkv, g * T, S) @ v).reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
         return layer.o(out)
+
+    def _attention_decode(self, i, layer, h, cos, sin, cache, pos0):
+        """_attention for one new position (T = 1) with a KV cache, in one C call (csrc/attn.c):
+        same operations in fp32, only dot-product summation orders differ."""
+        cfg = self.cfg
+        B = h.shape[0]
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h2 = h.reshape(B, -1)
+        q, k, v = self._proj(layer.qkv, [layer.q, layer.k, layer.v], h2)
+        q, k, v = (np.asarray(a, dtype=np.float32) for a in (q, k, v))
+        out = _decode_kernels().attn_decode(q, k, v, nh, nkv, cos[0], sin[0], cache.k[i], cache.v[i], pos0,
+                                             1.0 / math.sqrt(hd))
+        return layer.o(out).reshape(B, 1, -1)
 
     # --- heads ------------------------------------------------------------------------------------
     def logits(self, h: np.ndarray) -> np.ndarray:

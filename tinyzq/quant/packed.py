@@ -2,6 +2,15 @@
 
 Layout: docs/FORMAT.md. The scales and zeros are plain fp32 arrays owned by this object; training
 perturbs and updates them in place, and the very same object serves evaluation and generation.
+
+Fused projections (`PackedLinear.fuse`, used by tinyzq.model for q/k/v and gate/up): the parts'
+codes, scales, zeros (and biases) are row-concatenated into one buffer each, and every part's
+`codes`/`scales`/`zeros`/`bias` become VIEWS into those buffers (rows are contiguous, so a row slice
+is a C-contiguous view). One kernel call then serves all parts, and in-place updates of a part's
+scales/zeros (the ZO trainer, tinyzq/zo/) reach the fused kernel because they write the same memory.
+Invariant: update these arrays in place (`a[...] = v`, `a += d`), never reassign them. A reassigned
+array is detected (`FusedLinear.intact()` checks identities) and the model falls back to the
+per-part calls, which is correct but slower.
 """
 from __future__ import annotations
 
@@ -39,7 +48,10 @@ class PackedLinear:
         lead = x.shape[:-1]
         x2 = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
         if x2.shape[0] <= DECODE_MAX_ROWS:
-            y = kernels.qmatmul(x2, self.codes, self.scales, self.zeros, self.bits, self.group)
+            bw = self.__dict__.get("_bound")
+            if bw is None or not bw.valid(self.codes, self.scales, self.zeros):
+                bw = self._bound = kernels.get().bind(self.codes, self.scales, self.zeros, self.bits, self.group)
+            y = bw(x2)
         else:
             y = x2 @ self.rows(0, self.out_features).T
         if self.bias is not None:
@@ -60,3 +72,60 @@ class PackedLinear:
     @property
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+    @classmethod
+    def fuse(cls, parts: list) -> "FusedLinear | None":
+        """One linear computing all `parts` (same input) at once, or None if they cannot be fused
+        (different bits/group/input width, or some with and some without bias). See the module doc
+        for the view invariant; fusing parts that are already fused together reuses their buffers."""
+        if len(parts) < 2 or not all(type(p) is cls for p in parts):
+            return None
+        p0 = parts[0]
+        if any((p.bits, p.group, p.in_features) != (p0.bits, p0.group, p0.in_features) for p in parts) or \
+                len({p.bias is None for p in parts}) != 1:
+            return None
+        prev = p0.__dict__.get("_fused")
+        if prev is not None and prev.parts == list(parts) and prev.intact():
+            return prev
+        cat = lambda name: np.ascontiguousarray(np.concatenate([getattr(p, name) for p in parts], axis=0))  # noqa: E731
+        whole = cls(cat("codes"), cat("scales"), cat("zeros"), p0.bits, p0.group, p0.in_features,
+                    None if p0.bias is None else cat("bias"))
+        a = 0
+        for p in parts:
+            b = a + p.out_features
+            p.codes, p.scales, p.zeros = whole.codes[a:b], whole.scales[a:b], whole.zeros[a:b]
+            if p.bias is not None:
+                p.bias = whole.bias[a:b]
+            p.__dict__.pop("_bound", None)
+            a = b
+        fused = FusedLinear(whole, list(parts))
+        for p in parts:
+            p._fused = fused
+        return fused
+
+
+class FusedLinear:
+    """Row-concatenated PackedLinear parts: `fl(x)` returns the parts' outputs concatenated along the
+    last axis (`split(y)` cuts them apart). Valid while every part still holds its views."""
+
+    def __init__(self, whole: PackedLinear, parts: list):
+        self.whole, self.parts = whole, parts
+        self.sizes = [p.out_features for p in parts]
+        self.out_features, self.in_features = whole.out_features, whole.in_features
+        self._views = [(p.codes, p.scales, p.zeros, p.bias) for p in parts]
+
+    def intact(self) -> bool:
+        for p, (c, s, z, b) in zip(self.parts, self._views):
+            if p.codes is not c or p.scales is not s or p.zeros is not z or p.bias is not b:
+                return False
+        return True
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.whole(x)
+
+    def split(self, y: np.ndarray) -> list:
+        out, a = [], 0
+        for n in self.sizes:
+            out.append(y[..., a:a + n])
+            a += n
+        return out
