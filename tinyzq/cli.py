@@ -141,6 +141,36 @@ def cmd_demo(args):
     run_demo(args)
 
 
+def cmd_bench(args):
+    from . import bench
+
+    refs = [r for r, off in (("numpy_fp32", args.no_numpy), ("llama_cpp", args.no_llama_cpp)) if not off]
+    res = bench.run(args.model, threads=args.threads, repeats=args.repeats, new_tokens=args.new_tokens,
+                    prompt_tokens=args.prompt_tokens, train_batch=args.train_batch, train_ctx=args.train_ctx,
+                    references=refs, gguf=args.gguf, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(bench.format_table(res))
+    if args.json:
+        write_json(args.json, res)
+
+
+def _bench_quality(argv) -> int:
+    """`tinyzq bench quality ...`: routed to tinyzq.bench_quality (main(argv), or add_arguments/run)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tinyzq.bench_quality") is None:
+        print("error: `tinyzq bench quality` is not available in this installation (tinyzq/bench_quality.py is missing)",
+              file=sys.stderr)
+        return 2
+    from . import bench_quality as bq
+
+    if hasattr(bq, "main"):
+        return int(bq.main(list(argv)) or 0)
+    p = _Parser(prog="tinyzq bench quality")
+    bq.add_arguments(p)
+    args = p.parse_args(list(argv))
+    return int(bq.run(args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tinyzq", description="Run and train 2/3/4-bit LLMs on CPUs (NumPy + C kernels, no torch).")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -221,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kd-alpha", type=float, default=0.5, help="loss = (1-a) CE + a KL(teacher top-k || student)")
     s.set_defaults(func=cmd_train)
 
+    s = sub.add_parser("bench", help="decode/prefill/train-forward speed, peak RSS and memory bandwidth, with NumPy "
+                       "fp32 and llama.cpp references measured in the same run (`bench quality SRC ...`: quality)")
+    s.add_argument("model", help="a .tzq model directory (or GGUF / HF dir)")
+    s.add_argument("--threads", type=_positive(int), default=None, help="threads (default: TINYZQ_THREADS or all cores)")
+    s.add_argument("--json", help="also write the results to this JSON file (atomically)")
+    s.add_argument("--repeats", type=_positive(int), default=3, help="best of this many runs per phase (default 3)")
+    s.add_argument("--new-tokens", type=_positive(int), default=128, help="decoded tokens (default 128)")
+    s.add_argument("--prompt-tokens", type=_positive(int), default=512, help="prefill prompt length (default 512)")
+    s.add_argument("--train-batch", type=_positive(int), default=4, help="training-forward windows (default 4)")
+    s.add_argument("--train-ctx", type=_positive(int), default=512, help="training-forward window length (default 512)")
+    s.add_argument("--gguf", help="GGUF for the llama.cpp reference (default: the model's source, if a GGUF)")
+    s.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp reference")
+    s.add_argument("--no-numpy", action="store_true", help="skip the NumPy fp32 reference")
+    s.set_defaults(func=cmd_bench)
+
     s = sub.add_parser("demo", help="the whole pipeline on the bundled SmolLM2-135M and the default text")
     s.add_argument("--out", default="demo-out")
     s.add_argument("--model", help="GGUF / HF dir to use instead of the bundled SmolLM2")
@@ -235,9 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "quality"]:  # a separate command (tinyzq/bench_quality.py)
+        func, args = (lambda _: _bench_quality(argv[2:])), None
+    else:
+        args = build_parser().parse_args(argv)
+        func = args.func
     try:
-        args.func(args)
+        rc = func(args)
+        if args is None and rc:
+            return rc
     except TinyzqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
