@@ -52,3 +52,13 @@ def tiny_hf_dir(tmp_path_factory):
                                    eos_token_id=2, bos_token_id=None)
     transformers.LlamaForCausalLM(cfg).float().save_pretrained(str(d), safe_serialization=True)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_w3(tiny_hf_dir, tmp_path_factory):
+    """The tiny random Llama quantized to W3g32 (RTN) as a .tzq directory."""
+    import tinyzq
+
+    out = str(tmp_path_factory.mktemp("tiny_w3") / "w3.tzq")
+    tinyzq.quantize(tiny_hf_dir, out, bits=3, group=32, method="rtn", progress=False)
+    return out

@@ -13,7 +13,10 @@ __all__ = ["load", "convert", "quantize", "train", "Model", "TinyzqError", "__ve
 
 
 def __getattr__(name):  # import the API lazily so `import tinyzq` stays cheap
-    if name in ("load", "convert", "quantize", "train", "Model"):
+    if name == "train":  # the module tinyzq/train.py, callable as tinyzq.train(...) (= api.train)
+        import importlib
+        return importlib.import_module(".train", __name__)
+    if name in ("load", "convert", "quantize", "Model"):
         from . import api
         return getattr(api, name)
     raise AttributeError(name)

@@ -137,36 +137,48 @@ def nll_loss(net, tokens: np.ndarray) -> float:
 
 
 class TeacherCache:
-    """Top-k log-probs of a float teacher for every training window, on disk, memory-mapped."""
+    """Top-k log-probs of a float teacher for the training windows a run uses, on disk, memory-mapped.
 
-    def __init__(self, folder: str, teacher: str, windows: np.ndarray, k: int, progress: bool = True):
-        from .io.atomic import atomic_file
+    Files (in `folder`, keyed by a hash of the windows, the teacher path and k): `ids.npy` int32 and
+    `logp.npy` float32 [windows, ctx−1, k], and `done.npy` (which windows are filled). Only the windows
+    in `needed` are computed (all of them for a time budget); a resumed or longer run fills in the rest.
+    The teacher is loaded only while windows are missing and freed before training starts, so training
+    holds one model in memory."""
 
+    def __init__(self, folder: str, teacher: str, windows: np.ndarray, k: int, needed=None, progress: bool = True):
         os.makedirs(folder, exist_ok=True)
         key = hashlib.sha256(windows.tobytes() + f"{os.path.abspath(teacher)}|{k}".encode()).hexdigest()[:16]
-        ids_p, lp_p, meta_p = (os.path.join(folder, f"{key}.{s}") for s in ("ids.npy", "logp.npy", "json"))
-        if not (os.path.exists(meta_p) and os.path.exists(ids_p) and os.path.exists(lp_p)):
-            self._compute(teacher, windows, k, ids_p, lp_p, progress)
-            with atomic_file(meta_p) as f:
-                json.dump({"teacher": os.path.abspath(teacher), "k": k, "windows": int(len(windows)),
-                           "ctx": int(windows.shape[1])}, f)
+        ids_p, lp_p, done_p = (os.path.join(folder, f"{key}.{s}") for s in ("ids.npy", "logp.npy", "done.npy"))
+        n, T = windows.shape
+        if not (os.path.exists(ids_p) and os.path.exists(lp_p) and os.path.exists(done_p)):
+            for p in (ids_p, lp_p, done_p):
+                if os.path.exists(p):
+                    os.unlink(p)
+            np.lib.format.open_memmap(ids_p, mode="w+", dtype=np.int32, shape=(n, T - 1, k)).flush()
+            np.lib.format.open_memmap(lp_p, mode="w+", dtype=np.float32, shape=(n, T - 1, k)).flush()
+            np.save(done_p, np.zeros(n, bool))
+        done = np.load(done_p)
+        want = np.arange(n) if needed is None else np.unique(np.asarray(needed, dtype=np.int64))
+        missing = want[~done[want]]
+        if len(missing):
+            self._compute(teacher, windows, k, ids_p, lp_p, done_p, done, missing, progress)
         self.ids = np.load(ids_p, mmap_mode="r")
         self.logp = np.load(lp_p, mmap_mode="r")
 
     @staticmethod
-    def _compute(teacher, windows, k, ids_p, lp_p, progress):
+    def _compute(teacher, windows, k, ids_p, lp_p, done_p, done, missing, progress):
         import gc
 
         from tqdm import tqdm
 
         from . import api
+        from .io.atomic import atomic_file
 
         t = api.load(teacher)
-        n, T = windows.shape
-        tmp_i, tmp_l = ids_p + ".tmp.npy", lp_p + ".tmp.npy"
-        ids = np.lib.format.open_memmap(tmp_i, mode="w+", dtype=np.int32, shape=(n, T - 1, k))
-        lp = np.lib.format.open_memmap(tmp_l, mode="w+", dtype=np.float32, shape=(n, T - 1, k))
-        for w in tqdm(range(n), desc="teacher top-k", unit="win", disable=not progress, leave=False):
+        T = windows.shape[1]
+        ids = np.load(ids_p, mmap_mode="r+")
+        lp = np.load(lp_p, mmap_mode="r+")
+        for n_done, w in enumerate(tqdm(missing, desc="teacher top-k", unit="win", disable=not progress, leave=False)):
             h = t.net.hidden(windows[w:w + 1])[0, :-1]
             for a in range(0, T - 1, 128):
                 z = t.net.logits(h[a:a + 128]).astype(np.float64)
@@ -175,12 +187,14 @@ class TeacherCache:
                 lse = m[:, 0] + np.log(np.exp(z - m).sum(axis=1))
                 ids[w, a:a + 128] = top
                 lp[w, a:a + 128] = np.take_along_axis(z, top, axis=1) - lse[:, None]
-        ids.flush()
-        lp.flush()
+            done[w] = True
+            if n_done % 32 == 31 or n_done == len(missing) - 1:  # data first, then the mask that vouches for it
+                ids.flush()
+                lp.flush()
+                with atomic_file(done_p, "wb") as f:
+                    np.save(f, done)
         del ids, lp, t
         gc.collect()
-        os.replace(tmp_i, ids_p)
-        os.replace(tmp_l, lp_p)
 
 
 def kd_loss(net, tokens: np.ndarray, t_ids: np.ndarray, t_logp: np.ndarray, alpha: float) -> float:
@@ -338,9 +352,13 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                           f"of --ctx {ctx}; use a longer text or a smaller --ctx")
     teacher = None
     if cfg.teacher:
-        _say(f"teacher {cfg.teacher}: top-{cfg.kd_topk} log-probs of {len(train_win)} training windows "
+        _say(f"teacher {cfg.teacher}: top-{cfg.kd_topk} log-probs of the training windows of this run "
              f"(computed once, cached in {os.path.join(out, 'teacher')})", progress)
-        teacher = TeacherCache(os.path.join(out, "teacher"), cfg.teacher, train_win, cfg.kd_topk, progress)
+        needed = None
+        if cfg.steps is not None:
+            needed = np.concatenate([batch_indices(cfg.seed, t, len(train_win), cfg.batch)
+                                     for t in range(1, cfg.steps + 1)] or [np.zeros(0, np.int64)])
+        teacher = TeacherCache(os.path.join(out, "teacher"), cfg.teacher, train_win, cfg.kd_topk, needed, progress)
 
     params = zparams.build(model, cfg.train)
     opt = optim.ZOSGD(cfg.learning_rate, cfg.schedule, cfg.warmup, cfg.steps, cfg.normalize, cfg.clip)

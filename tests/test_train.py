@@ -1,0 +1,185 @@
+"""`tinyzq train` on the tiny random model: training lowers validation loss, what you train is what you
+run, exact resume (also after SIGKILL mid-step), one-line errors; a short real SmolLM2 run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import tinyzq
+from tinyzq import train as trainmod
+from tinyzq.data import windows
+from tinyzq.evaluate import perplexity
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = dict(ctx=64, batch=2, val_windows=8, eval_every=0, progress=False)
+
+
+def _steps(out):
+    return [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"loss_plus"' in l]
+
+
+def test_training_lowers_validation_loss_and_trained_equals_reloaded(tiny_w3, tmp_path):
+    out = str(tmp_path / "run")
+    r = tinyzq.train(tiny_w3, out, steps=40, lr=2e-2, eps=1e-2, n_dirs=2, batch=4, ctx=64, val_windows=8,
+                     eval_every=0, save_every=15, progress=False)
+    assert r["val_nll_after"] < r["val_nll_before"] - 2e-3, r
+    assert r["steps"] == 40 and len(_steps(out)) == 40
+    for f in ("report.json", "report.svg", "log.jsonl", "model/quant.json", "checkpoint/state.json"):
+        assert os.path.exists(os.path.join(out, f)), f
+    # what you train is what you run: the reloaded model's eval NLL == the trainer's validation NLL
+    m = tinyzq.load(out)  # the run directory opens its trained model
+    train_ids, val_ids, _ = trainmod.load_texts(m.tokenizer, None)
+    ev = perplexity(m.net, val_ids, 64, 8, batch=4, progress=False)  # the batch the trainer validated with
+    assert ev["nll"] == r["val_nll_after"]
+    # and the loss of a training batch computed by the trainer's loss == the reloaded model's NLL
+    tok = windows(train_ids, 64)[:2]
+    nll, n = m.net.sequence_nll(tok)
+    assert trainmod.nll_loss(m.net, tok) == nll / n
+    # scales were trained and saved in fp32
+    q = json.load(open(os.path.join(out, "model", "quant.json")))
+    assert q["scale_dtype"] == "float32" and q["trained"]["mode"] == "scales"
+    m0 = tinyzq.load(tiny_w3)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert np.array_equal(m0.weights[name].codes, m.weights[name].codes)
+    assert not np.array_equal(m0.weights[name].scales, m.weights[name].scales)
+
+
+@pytest.mark.parametrize("mode", ["qv", "latent"])
+def test_other_modes_run_and_resume_model(tiny_w3, tmp_path, mode):
+    out = str(tmp_path / mode)
+    r = tinyzq.train(tiny_w3, out, steps=3, train=mode, save_every=2, **FAST)
+    assert r["steps"] == 3
+    m = tinyzq.load(out)
+    train_ids, val_ids, _ = trainmod.load_texts(m.tokenizer, None)
+    assert perplexity(m.net, val_ids, 64, 8, batch=2, progress=False)["nll"] == r["val_nll_after"]
+
+
+def test_resume_continues_exactly(tiny_w3, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    tinyzq.train(tiny_w3, a, steps=6, save_every=2, n_dirs=2, **FAST)
+    tinyzq.train(tiny_w3, b, steps=3, save_every=2, n_dirs=2, **FAST)  # ends at 3 (checkpoint at 3)
+    tinyzq.train(tiny_w3, b, steps=6, resume=True, progress=False)
+    la, lb = _steps(a), _steps(b)
+    assert [r["step"] for r in lb] == list(range(1, 7))
+    for x, y in zip(la, lb):
+        assert (x["seed"], x["loss_plus"], x["loss_minus"], x["g"]) == (y["seed"], y["loss_plus"], y["loss_minus"], y["g"])
+    fa = np.load(os.path.join(a, "checkpoint", "trainable.npy"))
+    fb = np.load(os.path.join(b, "checkpoint", "trainable.npy"))
+    assert np.array_equal(fa, fb)
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=ROOT, TINYZQ_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "tinyzq", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_resume_after_sigkill_mid_step(tiny_w3, tmp_path):
+    """A run killed with SIGKILL in the middle of a step resumes from its last checkpoint and its per-step
+    losses equal an uninterrupted run's."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--steps", "8", "--save-every", "3", "--ctx", "64", "--batch", "2", "--val-windows", "4",
+              "--eval-every", "0", "--seed", "5"]
+    p = _cli("train", tiny_w3, a, *common)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    p = _cli("train", tiny_w3, b, *common)
+    log = os.path.join(b, "log.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < 240:  # wait for step 4 (after the checkpoint of step 3), then kill mid-step 5
+        if os.path.exists(log) and sum('"loss_plus"' in l for l in open(log)) >= 4:
+            break
+        time.sleep(0.02)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    n_before = len(_steps(b))
+    assert 4 <= n_before < 8
+    p = _cli("train", tiny_w3, b, "--resume")
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    la, lb = _steps(a), _steps(b)
+    assert [r["step"] for r in lb] == list(range(1, 9))
+    assert [(r["loss_plus"], r["loss_minus"], r["seed"]) for r in la] == \
+        [(r["loss_plus"], r["loss_minus"], r["seed"]) for r in lb]
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tiny_w3, tmp_path):
+    out = str(tmp_path / "c")
+    p = _cli("train", tiny_w3, out, "--steps", "100000", "--save-every", "1000", "--ctx", "64", "--batch", "2",
+             "--val-windows", "4", "--eval-every", "0")
+    log = os.path.join(out, "log.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < 240 and not (os.path.exists(log) and sum('"loss_plus"' in l for l in open(log)) >= 2):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    rc = p.wait(timeout=120)
+    err = p.stderr.read()
+    assert rc == 130 and "Traceback" not in err
+    st = json.load(open(os.path.join(out, "checkpoint", "state.json")))
+    assert st["step"] == len(_steps(out)) >= 2
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--steps", "2", "--eps", "0"], "--eps"),
+    (["--steps", "2", "--eps", "-1"], "--eps"),
+    (["--steps", "2", "--train", "weights"], "--train"),
+    (["--steps", "-1"], "--steps"),
+    (["--steps", "2", "--text", "/no/such.txt"], "no/such.txt"),
+    (["--steps", "2", "--teacher", "/no/such.gguf"], "no/such.gguf"),
+    (["--steps", "2", "--schedule", "cosine", "--minutes", "1"], "not allowed"),
+    ([], "--steps"),
+])
+def test_bad_options_are_one_line_errors(tiny_w3, tmp_path, args, msg):
+    p = _cli("train", tiny_w3, str(tmp_path / "x"), *args)
+    rc = p.wait(timeout=120)
+    err = p.stderr.read()
+    assert rc != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and msg in err, err
+
+
+def test_missing_model_and_resume_without_checkpoint(tmp_path):
+    p = _cli("train", str(tmp_path / "nope"), str(tmp_path / "o"), "--steps", "1")
+    assert p.wait(timeout=60) == 2 and "nope" in p.stderr.read()
+    p = _cli("train", str(tmp_path / "nope"), str(tmp_path / "o"), "--resume")
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 2 and "no checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_existing_run_needs_resume(tiny_w3, tmp_path):
+    out = str(tmp_path / "r")
+    tinyzq.train(tiny_w3, out, steps=1, **FAST)
+    with pytest.raises(tinyzq.TinyzqError, match="--resume"):
+        tinyzq.train(tiny_w3, out, steps=1, **FAST)
+
+
+def test_kd_from_cached_teacher(tiny_w3, tiny_hf_dir, tmp_path):
+    out = str(tmp_path / "kd")
+    r = tinyzq.train(tiny_w3, out, steps=2, teacher=tiny_hf_dir, kd_topk=4, **FAST)
+    files = os.listdir(os.path.join(out, "teacher"))
+    assert any(f.endswith("ids.npy") for f in files) and any(f.endswith("logp.npy") for f in files)
+    ids = np.load(os.path.join(out, "teacher", [f for f in files if f.endswith("ids.npy")][0]), mmap_mode="r")
+    assert ids.shape[1:] == (63, 4)
+    assert r["steps"] == 2 and all(np.isfinite(x["loss"]) for x in _steps(out))
+
+
+def test_chat_jsonl_text(tiny_w3, tmp_path):
+    f = tmp_path / "chat.jsonl"
+    rec = {"messages": [{"role": "user", "content": "What is a list in Python? " * 8},
+                        {"role": "assistant", "content": "A mutable sequence of objects. " * 8}]}
+    f.write_text("\n".join(json.dumps(rec) for _ in range(30)))
+    r = tinyzq.train(tiny_w3, str(tmp_path / "c"), steps=1, text=str(f), ctx=32, batch=2, val_windows=2,
+                     eval_every=0, progress=False)
+    assert r["steps"] == 1
+
+
+@pytest.mark.real
+def test_real_smollm2_short_training_lowers_validation_loss(smollm2_gguf, tmp_path):
+    """A short `scales` run on the real SmolLM2 W3g64 (RTN init: fast to build, much room to improve)."""
+    q = tinyzq.quantize(smollm2_gguf, str(tmp_path / "w3"), bits=3, group=64, method="rtn", progress=False)
+    del q
+    r = tinyzq.train(str(tmp_path / "w3"), str(tmp_path / "run"), steps=6, batch=1, ctx=128, val_windows=6,
+                     eval_every=0, lr=3e-3, n_dirs=1, progress=False)
+    assert r["val_nll_after"] < r["val_nll_before"], r
