@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ctx", type=_positive(int), default=512)
     s.add_argument("--max-windows", type=_positive(int), default=64)
     s.add_argument("-n", type=_positive(int), default=48, help="new tokens per answer")
+    s.add_argument("--train-minutes", type=_nonneg(float), default=12.0,
+                   help="zeroth-order training budget for the W3 model (0 = skip training; default 12)")
+    s.add_argument("--train-batch", type=_positive(int), default=2, help="windows per training step (default 2)")
     s.set_defaults(func=cmd_demo)
     return p
 

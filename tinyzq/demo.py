@@ -1,6 +1,7 @@
 """`tinyzq demo`: the whole pipeline on the bundled SmolLM2-135M-Instruct and the default text.
 
 convert the shipped GGUF -> evaluate float -> quantize to each bit width -> evaluate -> answer prompts
+-> zeroth-order training of the W3 model's scales for --train-minutes -> evaluate -> answers before/after
 -> demo-out/report.json + report.svg. Nothing is downloaded.
 """
 from __future__ import annotations
@@ -88,18 +89,79 @@ def run_demo(args) -> dict:
         evaluate(f"W{b}g{args.group} {args.method}", qm, bpw)
         del qm
 
+    training, train_svgs = None, []
+    minutes = getattr(args, "train_minutes", 0) or 0
+    tb = 3 if 3 in bits_list else bits_list[0]
+    if minutes > 0:
+        qdir = os.path.join(out, f"w{tb}g{args.group}-{args.method}")
+        run_dir = os.path.join(out, f"w{tb}g{args.group}-trained")
+        before = next(r for r in rows if r["model"] == f"W{tb}g{args.group} {args.method}")
+        _say(f"{3 + len(bits_list)}. zeroth-order training of W{tb}g{args.group}: per-group scales/zeros + norms "
+             f"(codes frozen), two forward passes per step, for {minutes:g} minutes -> {run_dir}")
+        if os.path.exists(run_dir):
+            import shutil
+
+            shutil.rmtree(run_dir)
+        rep = api.train(qdir, run_dir, minutes=minutes, train="scales", batch=args.train_batch, ctx=args.ctx,
+                        eval_every=0, val_windows=min(8, args.max_windows), save_every=25)
+        _say(f"   trained {rep['steps']} steps in {rep['train_seconds']:.0f} s "
+             f"({rep['mean_step_seconds'] or 0:.1f} s/step, peak RSS {rep['peak_rss_mb']:.0f} MiB)")
+        tm = api.load(run_dir)
+        after = evaluate(f"W{tb}g{args.group} {args.method} + ZO scales", tm, before["bits_per_weight"])
+        del tm
+        training = {"bits": tb, "minutes": minutes, "steps": rep["steps"], "train_seconds": rep["train_seconds"],
+                    "mean_step_seconds": rep["mean_step_seconds"], "peak_rss_mb": rep["peak_rss_mb"],
+                    "ppl_before": before["ppl"], "ppl_after": after["ppl"],
+                    "ppl_change_pct": 100.0 * (after["ppl"] / before["ppl"] - 1.0),
+                    "answers_before": before["answers"], "answers_after": after["answers"], "run_dir": run_dir}
+        with open(os.path.join(run_dir, "report.svg")) as f:
+            train_svgs.append(f.read())
+
     report = {"source": src, "text": "pydoc_data.topics validation slice", "ctx": args.ctx,
-              "group": args.group, "method": args.method, "results": rows, "machine": machine(),
-              "seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb()}
+              "group": args.group, "method": args.method, "results": rows, "training": training,
+              "machine": machine(), "seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb()}
     write_json(os.path.join(out, "report.json"), report)
-    series = {f"{args.method} g{args.group}": [(r["bits_per_weight"], r["ppl"]) for r in rows if r["model"] != "float"]}
+    series = {f"{args.method} g{args.group}": [(r["bits_per_weight"], r["ppl"]) for r in rows
+                                               if r["model"] != "float" and "+ ZO" not in r["model"]]}
+    if training:
+        series["+ ZO-trained scales"] = [(r["bits_per_weight"], r["ppl"]) for r in rows if "+ ZO" in r["model"]]
     series["float"] = [(min(bits_list) + 2 * 16 / args.group, rows[0]["ppl"]), (max(bits_list) + 2 * 16 / args.group, rows[0]["ppl"])]
-    write_svg(os.path.join(out, "report.svg"),
-              line_chart(series, "SmolLM2-135M: validation perplexity vs bits", "bits per weight (decoder linears)",
-                         "perplexity (log)", logy=True))
+    chart = line_chart(series, "SmolLM2-135M: validation perplexity vs bits", "bits per weight (decoder linears)",
+                       "perplexity (log)", logy=True)
+    if train_svgs:
+        from .plot import stack_svgs
+
+        chart = stack_svgs([chart, _before_after_svg(training, args.group, args.method), train_svgs[0]])
+    write_svg(os.path.join(out, "report.svg"), chart)
     _say("summary")
     for r in rows:
-        _say(f"   {r['model']:<16} ppl {r['ppl']:10.3f}   weights {r['weight_mb']:6.0f} MiB")
+        _say(f"   {r['model']:<28} ppl {r['ppl']:10.3f}   weights {r['weight_mb']:6.0f} MiB")
+    if training:
+        _say(f"   ZO training of W{training['bits']}g{args.group}: ppl {training['ppl_before']:.3f} -> "
+             f"{training['ppl_after']:.3f} ({training['ppl_change_pct']:+.2f}%) in {training['steps']} steps")
+        for p in PROMPTS:
+            _say(f"     Q: {p}\n        before: {training['answers_before'][p][:200]!r}"
+                 f"\n        after:  {training['answers_after'][p][:200]!r}")
     _say(f"wrote {os.path.join(out, 'report.json')} and report.svg in {report['seconds']:.0f} s "
          f"(peak RSS {report['peak_rss_mb']:.0f} MiB)")
     return report
+
+
+def _before_after_svg(t: dict, group: int, method: str) -> str:
+    """A small table: validation perplexity before / after ZO training."""
+    from html import escape
+
+    rows = [("", "validation ppl", "steps"),
+            (f"W{t['bits']}g{group} {method}", f"{t['ppl_before']:.3f}", "0"),
+            (f"+ ZO scales ({t['minutes']:g} min)", f"{t['ppl_after']:.3f}", str(t["steps"])),
+            ("change", f"{t['ppl_change_pct']:+.2f}%", "")]
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="640" height="400" font-family="sans-serif" font-size="14">',
+           '<rect width="640" height="400" fill="white"/>',
+           '<text x="320" y="40" text-anchor="middle" font-size="16">before / after zeroth-order training</text>']
+    for i, (a, b, c) in enumerate(rows):
+        y = 100 + 40 * i
+        w = ' font-weight="bold"' if i == 0 else ""
+        out += [f'<text x="60" y="{y}"{w}>{escape(a)}</text>', f'<text x="380" y="{y}"{w}>{escape(b)}</text>',
+                f'<text x="520" y="{y}"{w}>{escape(c)}</text>']
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

@@ -72,10 +72,13 @@ def write_svg(path: str, svg: str) -> None:
         f.write(svg)
 
 
-def stack_svgs(svgs: list, width: int = 640, height: int = 400) -> str:
-    """Several line_chart documents one below the other in one SVG document."""
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height * len(svgs)}">']
-    for i, s in enumerate(svgs):
-        out.append(s.replace("<svg ", f'<svg y="{i * height}" ', 1))
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+def stack_svgs(svgs: list, width: int = 640) -> str:
+    """SVG documents (e.g. line_chart's) one below the other in one SVG document."""
+    import re
+
+    out, y = [], 0
+    for s in svgs:
+        m = re.search(r'<svg [^>]*?height="(\d+)"', s)
+        out.append(s.replace("<svg ", f'<svg y="{y}" ', 1))
+        y += int(m.group(1)) if m else 400
+    return "\n".join([f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}">', *out, "</svg>"]) + "\n"
