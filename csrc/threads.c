@@ -8,6 +8,13 @@
  * on a condition variable. One job runs at a time: a call made while the pool is busy (another
  * Python thread, or a nested call) simply runs inline. After fork() the child starts with an
  * empty pool. Each extension module (one per ISA) has its own pool.
+ *
+ * Late workers are cancelled, not waited for: each worker has a slot that it claims for a job
+ * generation (CAS) before touching the job. When the caller has run out of chunks, it claims, on
+ * their behalf, the slots of workers that have not woken up yet (descheduled on a loaded machine,
+ * or still asleep) and only waits for those that did join. A job then never costs more than running
+ * it on the calling thread plus the chunks that joined workers hold (on 2 busy cores, waiting for a
+ * descheduled worker cost a scheduler time slice per call: decode has ~120 calls per token).
  */
 #if !defined(_GNU_SOURCE) && !defined(_WIN32)
 #define _GNU_SOURCE
@@ -63,6 +70,7 @@ typedef struct {
     int nworkers;           /* started workers (guarded by submit) */
     pthread_t th[TZQ_MAX_THREADS];
     unsigned start_gen[TZQ_MAX_THREADS];
+    uint64_t slot[TZQ_MAX_THREADS]; /* atomic: (gen << 1) | cancelled, the last job claimed for worker i */
     /* the current job: written by the submitter before gen is bumped */
     tzq_range_fn fn;
     void *ctx;
@@ -135,6 +143,13 @@ static void *worker(void *arg)
             }
         }
         seen = g;
+        {   /* claim this generation for ourselves unless the caller cancelled us */
+            uint64_t old = LOAD(&P.slot[idx]);
+            const uint64_t mine = (uint64_t)g << 1;
+            if (old == (mine | 1u)) continue; /* cancelled: the caller already accounted for us */
+            if (!__atomic_compare_exchange_n(&P.slot[idx], &old, mine, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                continue; /* the caller cancelled us in the meantime */
+        }
         if (idx >= P.quit_from) {
             ack();
             return NULL;
@@ -144,17 +159,29 @@ static void *worker(void *arg)
     }
 }
 
-/* publish the job currently described in P and wait until every worker acknowledged it */
+/* publish the job currently described in P and wait until every worker acknowledged it (or,
+   when the caller works too, was cancelled because it had not joined by the time the chunks ran out) */
 static void publish_and_wait(int caller_works)
 {
     int it = 0;
     int64_t deadline;
+    unsigned g;
     STORE(&P.pending, P.nworkers);
     pthread_mutex_lock(&P.m);
-    STORE(&P.gen, P.gen + 1);
+    g = P.gen + 1;
+    STORE(&P.gen, g);
     if (P.sleepers) pthread_cond_broadcast(&P.wake);
     pthread_mutex_unlock(&P.m);
-    if (caller_works) run_chunks();
+    if (caller_works) {
+        run_chunks();
+        for (int i = 0; i < P.nworkers; i++) {
+            uint64_t old = LOAD(&P.slot[i]);
+            if ((old >> 1) != (uint64_t)g &&
+                __atomic_compare_exchange_n(&P.slot[i], &old, ((uint64_t)g << 1) | 1u, 0, __ATOMIC_ACQ_REL,
+                                            __ATOMIC_ACQUIRE))
+                FETCH_ADD(&P.pending, -1);
+        }
+    }
     deadline = now_us() + 200; /* the last chunks take microseconds; then sleep (a worker may be descheduled) */
     while (LOAD(&P.pending) != 0) {
         cpu_relax();
@@ -174,6 +201,7 @@ static void atfork_child(void)
     /* the workers do not exist in the child: start from an empty pool */
     P.nworkers = 0;
     P.sleepers = 0;
+    for (int i = 0; i < TZQ_MAX_THREADS; i++) P.slot[i] = 0;
     pthread_mutex_init(&P.m, NULL);
     pthread_cond_init(&P.wake, NULL);
     pthread_cond_init(&P.done, NULL);
@@ -197,6 +225,7 @@ static void resize(int want)
         while (P.nworkers < want) {
             const int i = P.nworkers;
             P.start_gen[i] = LOAD(&P.gen);
+            STORE(&P.slot[i], (uint64_t)P.start_gen[i] << 1);
             if (pthread_create(&P.th[i], NULL, worker, (void *)(intptr_t)i) != 0) break;
             P.nworkers++;
         }

@@ -71,6 +71,34 @@ class FloatLinear:
         return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
 
+ATTN_QBLOCK = 64  # queries per block of the causal attention (keys past the block's last query are skipped)
+
+
+def _causal_gqa(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
+    """Causal grouped-query attention. q [B, nkv, g, T, hd] (already scaled) at absolute positions
+    pos0..pos0+T-1; k, v [B, nkv, S, hd] for positions 0..S-1. Returns [B, nkv, g, T, hd].
+
+    Queries go in blocks of ATTN_QBLOCK: a block only multiplies the keys its last query can see (about
+    half the work of the full square for a long prompt) and its scores stay cache-sized. Within a block
+    the g query heads of one KV head are stacked as g*t rows against its keys, so every product is one
+    plain batched gemm (no broadcast strides, which defeat BLAS)."""
+    B, nkv, g, T, hd = q.shape
+    out = np.empty((B, nkv, g, T, hd), dtype=np.float32)
+    for t0 in range(0, T, ATTN_QBLOCK):
+        t1 = min(T, t0 + ATTN_QBLOCK)
+        n, S1 = t1 - t0, pos0 + t1  # keys 0..S1-1 are visible to some query of the block
+        qb = np.ascontiguousarray(q[:, :, :, t0:t1]).reshape(B, nkv, g * n, hd)
+        scores = (qb @ k[:, :, :S1].swapaxes(-1, -2)).reshape(B, nkv, g, n, S1)
+        if n > 1:  # causal: the query at absolute position pos0+t sees keys 0..pos0+t
+            scores += np.where(np.arange(S1)[None, :] > (pos0 + np.arange(t0, t1))[:, None], -np.inf,
+                               0.0).astype(np.float32)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out[:, :, :, t0:t1] = (scores.reshape(B, nkv, g * n, S1) @ v[:, :, :S1]).reshape(B, nkv, g, n, hd)
+    return out
+
+
 def _fuse(parts):
     """A fused linear for parts sharing one input (q/k/v, gate/up) if their type supports it."""
     fuse = getattr(type(parts[0]), "fuse", None)
@@ -229,17 +257,9 @@ class Transformer:
             cache.k[i][:, :, pos0:pos0 + T] = k
             cache.v[i][:, :, pos0:pos0 + T] = v
             k, v = cache.k[i][:, :, :pos0 + T], cache.v[i][:, :, :pos0 + T]
-        S, g = k.shape[2], nh // nkv
-        # grouped-query attention: the g query heads of one KV head are stacked as g*T rows against its
-        # keys, so every product is one plain batched gemm (no broadcast strides, which defeat BLAS)
-        q = np.ascontiguousarray(q).reshape(B, nkv, g * T, hd) * np.float32(1.0 / math.sqrt(hd))
-        scores = (q @ k.swapaxes(-1, -2)).reshape(B, nkv, g, T, S)
-        if T > 1:  # causal: query at absolute position pos0+t sees keys 0..pos0+t
-            scores += np.where(np.arange(S)[None, :] > (pos0 + np.arange(T))[:, None], -np.inf, 0.0).astype(np.float32)
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        out = (scores.reshape(B, nkv, g * T, S) @ v).reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
+        g = nh // nkv
+        q = (q * np.float32(1.0 / math.sqrt(hd))).reshape(B, nkv, g, T, hd)
+        out = _causal_gqa(q, k, v, pos0).reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
         return layer.o(out)
 
     def _attention_decode(self, i, layer, h, cos, sin, cache, pos0):
