@@ -85,23 +85,48 @@ def cmd_quantize(args):
         from .data import read_text
 
         calib_text = read_text(args.calib)
+    if args.calib_tokens is not None and args.calib_windows is not None:
+        from .errors import TinyzqError
+
+        raise TinyzqError("give --calib-tokens or --calib-windows, not both")
     m = quantize(args.src, args.out, args.bits, args.group, args.method, calib_text=calib_text,
-                 calib_windows=args.calib_windows)
+                 calib_windows=args.calib_windows, calib_tokens=args.calib_tokens)
     d = m.describe()
-    print(f"wrote {args.out}: W{args.bits}g{args.group} {args.method}, {d['packed_tensors']} packed tensors, "
+    print(f"wrote {args.out}: W{args.bits}g{args.group} {m.meta.get('method')}, {d['packed_tensors']} packed tensors, "
           f"{d['weight_mb']:.1f} MiB of weights, embeddings/lm_head 8-bit g32 "
           f"({m.meta.get('quantize_seconds')} s)")
 
 
 def cmd_eval(args):
+    """Perplexity (--text, or the default corpus when no --tasks) and/or task accuracy (--tasks)."""
     from . import api
 
+    items = None
+    if args.tasks:  # a malformed task file fails before the model is loaded
+        from .tasks import read_tasks
+
+        items = read_tasks(args.tasks)
     m = api.load(args.model)
-    text, label = _eval_text(args)
-    r = m.perplexity(text, ctx=args.ctx, max_windows=args.max_windows, batch=args.batch, progress=True)
-    r.update({"model": args.model, "text": label})
-    print(f"ppl {r['ppl']:.4f}  ({r['windows']} windows x {r['ctx']} tokens, {r['tokens_per_s']:.0f} tok/s, "
-          f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB)")
+    r = {"model": args.model}
+    if args.text or not args.tasks:  # --tasks alone scores only the tasks
+        text, label = _eval_text(args)
+        r.update(m.perplexity(text, ctx=args.ctx, max_windows=args.max_windows, batch=args.batch, progress=True))
+        r["text"] = label
+        print(f"ppl {r['ppl']:.4f}  ({r['windows']} windows x {r['ctx']} tokens, {r['tokens_per_s']:.0f} tok/s, "
+              f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB)")
+    if args.tasks:
+        from .tasks import format_table
+
+        a = m.score_tasks(items, limit=args.limit, progress=True)
+        print(format_table(a))
+        print(f"({a['items']} items, {a['options']} options, {a['items_per_s']:.2f} items/s, {a['seconds']:.1f} s, "
+              f"peak RSS {a['peak_rss_mb']:.0f} MiB)")
+        if "ppl" not in r:
+            r.update({"seconds": a["seconds"]})
+        r.update({"tasks_file": args.tasks, "limit": args.limit, "tasks": a["tasks"], "mean": a["mean"],
+                  "items": a["items"], "options": a["options"], "truncated_items": a["truncated_items"],
+                  "context_window": a["context_window"], "tasks_seconds": a["seconds"],
+                  "items_per_s": a["items_per_s"], "peak_rss_mb": a["peak_rss_mb"]})
     if args.json:
         write_json(args.json, r)
 
@@ -190,19 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--bits", type=int, choices=[2, 3, 4, 8], required=True)
     s.add_argument("--group", type=_positive(int), default=64)
-    s.add_argument("--method", default="search", help="rtn | search (default: search)")
-    s.add_argument("--calib", metavar="FILE", help="calibration text for search (.txt/.jsonl; default: the "
-                   "default corpus's training split)")
+    s.add_argument("--method", default="search",
+                   help="rtn | search | awq | gptq | blockzo, or a '+' combination such as awq+gptq, gptq+search, "
+                        "awq+search, gptq+blockzo (default: search)")
+    s.add_argument("--calib", metavar="FILE", help="calibration text for the calibrated methods (.txt/.jsonl; "
+                   "default: the default corpus's training split)")
+    s.add_argument("--calib-tokens", type=_positive(int), default=None, metavar="N",
+                   help="tokens of calibration text, in windows of 512 (default 4096)")
     s.add_argument("--calib-windows", type=_positive(int), default=None,
                    help="windows of 512 tokens of calibration text (default 8)")
     s.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("eval", help="perplexity on a text (non-overlapping windows, documented protocol)")
+    s = sub.add_parser("eval", help="perplexity on a text (documented protocol) and/or accuracy on multiple-choice tasks")
     s.add_argument("model")
     s.add_argument("--text", help="UTF-8 .txt or .jsonl with a 'text' field (default: the default corpus's validation slice)")
     s.add_argument("--ctx", type=_positive(int), default=512)
     s.add_argument("--max-windows", type=_positive(int), default=64)
     s.add_argument("--batch", type=_positive(int), default=4, help="windows per forward pass")
+    s.add_argument("--tasks", metavar="FILE.jsonl", help="zero-shot multiple-choice tasks to score (acc, acc_norm); "
+                   "without --text only the tasks are scored")
+    s.add_argument("--limit", type=_positive(int), default=None, help="score the first N items of each task")
     s.add_argument("--json", help="also write the result to this JSON file")
     s.set_defaults(func=cmd_eval)
 
