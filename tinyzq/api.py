@@ -173,14 +173,38 @@ def calibrate(model: "Model | str", text: str | None = None, windows: int | None
     return collect_x_stats(m.net, wins, progress)
 
 
+def calib_token_windows(m: "Model", text: str | None = None, windows: int | None = None,
+                        tokens: int | None = None, ctx: int | None = None):
+    """Calibration windows [N, ctx] of `text` (default: the default corpus's training split): `tokens`
+    tokens (rounded down to whole windows; a text shorter than one window is used whole) or `windows`
+    windows, spread evenly over the text. Default 8 windows of 512 tokens."""
+    from .data import default_text, split_text
+    from .quant.calibrate import CALIB_CTX, CALIB_WINDOWS, calib_windows
+
+    if text is None:
+        text = split_text(default_text())[0]
+    if not text.strip():
+        raise TinyzqError("the calibration text is empty")
+    ctx = min(ctx or CALIB_CTX, m.cfg.max_position_embeddings)
+    if tokens is not None:
+        if tokens < 16:
+            raise TinyzqError(f"--calib-tokens must be at least 16, not {tokens}")
+        ctx = min(ctx, int(tokens))
+        windows = max(1, int(tokens) // ctx)
+    return calib_windows(m.tokenizer.encode(text), ctx, windows or CALIB_WINDOWS)
+
+
 def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str = "search",
              progress: bool = True, calib_text: str | None = None, calib_windows: int | None = None,
-             x_stats: dict | None = None) -> Model:
+             x_stats: dict | None = None, calib_tokens: int | None = None, options: dict | None = None) -> Model:
     """Quantize the decoder linears of SRC (GGUF / HF dir / float .tzq) to `bits`; embeddings/lm_head to 8 bits.
 
-    `search` weighs each input channel by its mean x² on calibration text (`calib_text`, default the
-    default corpus's training split; or precomputed `x_stats` from `calibrate`). Returns the quantized
-    Model; writes it to `out` when given.
+    `method`: rtn, search, awq, gptq, blockzo or a '+' combination (tinyzq.quant.blockwise). Calibrated
+    methods run block by block on calibration text (`calib_text`, default the default corpus's training
+    split; `calib_tokens` tokens or `calib_windows` windows of 512). `search` with precomputed `x_stats`
+    (from `calibrate`) uses those float-model statistics instead. `options`: keyword options for the
+    block-wise driver (gptq_options, awq_options, blockzo_options). Returns the quantized Model; writes it
+    to `out` when given.
     """
     from tqdm import tqdm
 
@@ -189,8 +213,10 @@ def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str 
 
     if bits not in (2, 3, 4, 8):
         raise TinyzqError(f"--bits must be 2, 3, 4 or 8, not {bits}")
-    if method not in quantizer.METHODS:
-        raise TinyzqError(f"--method {method!r} is unknown; choose one of: {', '.join(quantizer.METHODS)}")
+    from .quant.blockwise import parse_method
+
+    method = parse_method(method).name  # one-line error for unknown methods; canonical spelling
+    blockwise = method != "rtn" and not (method == "search" and x_stats is not None)
     m = load(src)
     if m.meta.get("tensors"):
         raise TinyzqError(f"{src}: already quantized ({m.meta.get('bits')}-bit); quantize from the float source")
@@ -200,9 +226,14 @@ def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str 
             quantizer.check_group(shape[1], group, name)
     t0 = time.perf_counter()
     calib = None
-    if method == "search" and x_stats is None:
-        x_stats = calibrate(m, calib_text, calib_windows, progress=progress)
-        calib = "default corpus (train split)" if calib_text is None else "user text"
+    if blockwise:
+        from .quant.blockwise import quantize_blocks
+
+        wins = calib_token_windows(m, calib_text, calib_windows, calib_tokens)
+        quantize_blocks(m.net, wins, bits, group, method, progress=progress, **(options or {}))
+        calib = ("default corpus (train split)" if calib_text is None else "user text") + \
+            f", {wins.size} tokens, block-wise"
+        x_stats = None
     elif method == "search":
         calib = "given x_stats"
     names = [n for n, w in m.weights.items() if isinstance(w, FloatLinear)]

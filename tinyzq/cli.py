@@ -85,10 +85,14 @@ def cmd_quantize(args):
         from .data import read_text
 
         calib_text = read_text(args.calib)
+    if args.calib_tokens is not None and args.calib_windows is not None:
+        from .errors import TinyzqError
+
+        raise TinyzqError("give --calib-tokens or --calib-windows, not both")
     m = quantize(args.src, args.out, args.bits, args.group, args.method, calib_text=calib_text,
-                 calib_windows=args.calib_windows)
+                 calib_windows=args.calib_windows, calib_tokens=args.calib_tokens)
     d = m.describe()
-    print(f"wrote {args.out}: W{args.bits}g{args.group} {args.method}, {d['packed_tensors']} packed tensors, "
+    print(f"wrote {args.out}: W{args.bits}g{args.group} {m.meta.get('method')}, {d['packed_tensors']} packed tensors, "
           f"{d['weight_mb']:.1f} MiB of weights, embeddings/lm_head 8-bit g32 "
           f"({m.meta.get('quantize_seconds')} s)")
 
@@ -211,9 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--bits", type=int, choices=[2, 3, 4, 8], required=True)
     s.add_argument("--group", type=_positive(int), default=64)
-    s.add_argument("--method", default="search", help="rtn | search (default: search)")
-    s.add_argument("--calib", metavar="FILE", help="calibration text for search (.txt/.jsonl; default: the "
-                   "default corpus's training split)")
+    s.add_argument("--method", default="search",
+                   help="rtn | search | awq | gptq | blockzo, or a '+' combination such as awq+gptq, gptq+search, "
+                        "awq+search, gptq+blockzo (default: search)")
+    s.add_argument("--calib", metavar="FILE", help="calibration text for the calibrated methods (.txt/.jsonl; "
+                   "default: the default corpus's training split)")
+    s.add_argument("--calib-tokens", type=_positive(int), default=None, metavar="N",
+                   help="tokens of calibration text, in windows of 512 (default 4096)")
     s.add_argument("--calib-windows", type=_positive(int), default=None,
                    help="windows of 512 tokens of calibration text (default 8)")
     s.set_defaults(func=cmd_quantize)
