@@ -60,6 +60,14 @@ def _weight_bytes(net) -> int:
     return total
 
 
+def _loadavg():
+    """1-minute load average (other processes share the cores: timings are only comparable within a run)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _llc_bytes() -> int:
     try:
         best = 0
@@ -310,6 +318,7 @@ def run(model: str, threads: int | None = None, repeats: int = 3, new_tokens: in
                                          "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
                                          "train_batch": train_batch, "train_ctx": train_ctx}}
     t_start = time.perf_counter()
+    res["loadavg_start"] = _loadavg()
     progress(f"bench {label} {model}: {threads} threads, best of {repeats}")
     bw = _run_phase("bandwidth", "ours", opts, threads)
     ours = {}
@@ -355,6 +364,7 @@ def run(model: str, threads: int | None = None, repeats: int = 3, new_tokens: in
         res["reference"][ref] = r
         res["ratios"][ref] = {k: res[k] / r[k] for k in KEYS if res.get(k) and r.get(k)}
     res["seconds"] = time.perf_counter() - t_start
+    res["loadavg_end"] = _loadavg()
     return res
 
 
@@ -379,7 +389,8 @@ def format_table(res: dict) -> str:
         if "skipped" in r:
             lines.append(f"{names.get(k, k)}: skipped ({r['skipped']})")
     lines.append(f"memory bandwidth (streaming read, {res['settings']['threads']} threads): "
-                 f"{res['bandwidth_gb_s']:.1f} GB/s; decode reaches {100 * res['decode_bandwidth_fraction']:.0f}% of it")
+                 f"{res['bandwidth_gb_s']:.1f} GB/s; decode reaches {100 * res['decode_bandwidth_fraction']:.0f}% of it "
+                 f"(load average {res.get('loadavg_start')} -> {res.get('loadavg_end')})")
     return "\n".join(lines)
 
 
