@@ -58,16 +58,12 @@ static void attn_range(void *ctx, int64_t i0, int64_t i1)
             for (int64_t j = 0; j < hd; j++) qr[j] = qr[j] * a->scale;
             for (int64_t t = 0; t < S; t++) {
                 const float *kt = kc + t * hd;
-                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+                float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
                 int64_t j = 0;
-                for (; j + 4 <= hd; j += 4) {
-                    s0 += qr[j] * kt[j];
-                    s1 += qr[j + 1] * kt[j + 1];
-                    s2 += qr[j + 2] * kt[j + 2];
-                    s3 += qr[j + 3] * kt[j + 3];
-                }
-                for (; j < hd; j++) s0 += qr[j] * kt[j];
-                p[t] = (s0 + s1) + (s2 + s3);
+                for (; j + 8 <= hd; j += 8) /* 8 independent lanes: vectorised without reassociation */
+                    for (int l = 0; l < 8; l++) acc[l] += qr[j + l] * kt[j + l];
+                for (; j < hd; j++) acc[0] += qr[j] * kt[j];
+                p[t] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
                 mx = p[t] > mx ? p[t] : mx;
             }
             for (int64_t t = 0; t < S; t++) {
