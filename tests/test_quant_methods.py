@@ -291,11 +291,11 @@ def test_real_block_awq_and_blockzo(real_block):
 
     plain = copy.deepcopy(m.net.layers[2])
     scaled = copy.deepcopy(m.net.layers[2])
-    awq_block(m.net, 2, scaled, x, cos, sin, bits=3, group=64, grid=10)
+    awq_block(m.net, 2, scaled, x, cos, sin, bits=3, group=64, grid=5)
     assert np.allclose(block_forward(m.net, 2, scaled, x, cos, sin), y_f, rtol=1e-4, atol=1e-3 * np.abs(y_f).max())
     e_plain, e_awq = rtn_block_err(plain), rtn_block_err(scaled)
     assert e_awq < e_plain, (e_awq, e_plain)
-    r = blockzo_block(m.net, 2, plain, x, y_f, cos, sin, steps=16)
+    r = blockzo_block(m.net, 2, plain, x, y_f, cos, sin, steps=6)
     assert r["loss_after"] <= r["loss_before"]
 
 

@@ -209,6 +209,7 @@ def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str 
     from tqdm import tqdm
 
     from .quant import quantizer
+    from .quant.calibrate import collect_x_stats
     from .quant.packed import PackedLinear
 
     if bits not in (2, 3, 4, 8):
@@ -216,7 +217,9 @@ def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str 
     from .quant.blockwise import parse_method
 
     method = parse_method(method).name  # one-line error for unknown methods; canonical spelling
-    blockwise = method != "rtn" and not (method == "search" and x_stats is not None)
+    # `search` alone keeps the float-forward statistics (one forward, then every linear independently: the
+    # fast default); every other calibrated method runs block by block (tinyzq.quant.blockwise)
+    blockwise = method not in ("rtn", "search")
     m = load(src)
     if m.meta.get("tensors"):
         raise TinyzqError(f"{src}: already quantized ({m.meta.get('bits')}-bit); quantize from the float source")
@@ -234,6 +237,10 @@ def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str 
         calib = ("default corpus (train split)" if calib_text is None else "user text") + \
             f", {wins.size} tokens, block-wise"
         x_stats = None
+    elif method == "search" and x_stats is None:
+        x_stats = calibrate(m, calib_text, calib_windows, progress=progress) if calib_tokens is None else \
+            collect_x_stats(m.net, calib_token_windows(m, calib_text, tokens=calib_tokens), progress)
+        calib = "default corpus (train split)" if calib_text is None else "user text"
     elif method == "search":
         calib = "given x_stats"
     names = [n for n, w in m.weights.items() if isinstance(w, FloatLinear)]

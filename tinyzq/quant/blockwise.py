@@ -1,5 +1,7 @@
-"""Block-by-block calibrated quantization: the driver behind `search`, `awq`, `gptq`, `blockzo` and their
-combinations (`awq+gptq`, `awq+search`, `gptq+search`, `awq+gptq+blockzo`, ...).
+"""Block-by-block calibrated quantization: the driver behind `awq`, `gptq`, `blockzo` and their
+combinations (`awq+gptq`, `awq+search`, `gptq+search`, `awq+gptq+blockzo`, ...). (`search` on its own —
+the default method — is run by api.quantize from one float forward's statistics, which is 4× faster;
+this driver can also run it sequentially: quantize_blocks(..., "search").)
 
 Calibration windows [N, T] of tokens are embedded once; then decoder block i is processed with
 only block i's activations in memory:
