@@ -146,6 +146,12 @@ def _phase_ours(phase: str, a) -> dict:
     return out
 
 
+def _llama_logits(llama_cpp, llm, rows: int) -> np.ndarray:
+    """Logits of the last evaluated batch, [rows, vocab] (llama_get_logits; Llama.scores' row indexing
+    differs between llama-cpp-python versions)."""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(rows, llm.n_vocab()))
+
+
 def _phase_llama_run(llama_cpp, phase, a, peak_rss_mb) -> dict:
     kw = dict(n_threads=a.threads, n_threads_batch=a.threads, verbose=False, use_mmap=True)
     ids_all = json.loads(a.ids_json) if a.ids_json else None
@@ -160,7 +166,7 @@ def _phase_llama_run(llama_cpp, phase, a, peak_rss_mb) -> dict:
             t0 = time.perf_counter()
             toks = []
             for _ in range(a.new_tokens):
-                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                tok = int(np.argmax(_llama_logits(llama_cpp, llm, 1)[0]))
                 toks.append(tok)
                 llm.eval([tok])
             best = min(best, time.perf_counter() - t0)
@@ -187,7 +193,7 @@ def _phase_llama_run(llama_cpp, phase, a, peak_rss_mb) -> dict:
             for row in batch:
                 llm.reset()
                 llm.eval(row.tolist())
-                z = np.asarray(llm.scores[: T - 1], dtype=np.float64)
+                z = _llama_logits(llama_cpp, llm, T)[: T - 1].astype(np.float64)
                 mx = z.max(axis=1)
                 lse = mx + np.log(np.exp(z - mx[:, None]).sum(axis=1))
                 nll += float((lse - z[np.arange(T - 1), row[1:]]).sum())
@@ -349,9 +355,14 @@ def run(model: str, threads: int | None = None, repeats: int = 3, new_tokens: in
                 continue
             phases = {}
             o = dict(opts, gguf=os.path.abspath(path), model=None)
-            for ph in PHASES:
-                progress(f"  llama.cpp {ph} ...")
-                phases[ph] = _run_phase(ph, "llama_cpp", o, threads, ids)
+            try:
+                for ph in PHASES:
+                    progress(f"  llama.cpp {ph} ...")
+                    phases[ph] = _run_phase(ph, "llama_cpp", o, threads, ids)
+            except TinyzqError as e:  # an optional reference: record why, keep our results
+                res["reference"][ref] = {"skipped": f"failed: {e}"}
+                progress(f"  llama.cpp failed: {e}")
+                continue
         else:
             raise TinyzqError(f"unknown reference {ref!r}")
         r = _summary(phases)
