@@ -37,6 +37,20 @@ from .sysinfo import peak_rss_mb
 
 DEFAULT_LR = {"scales": 3e-4, "qv": 1e-5, "latent": 1e-5}
 STATE_VERSION = 1
+# Tests only: SIGKILL this process in the middle of step N (between its two loss evaluations, while the
+# parameters are perturbed in place) — a deterministic stand-in for a power cut.
+_SIGKILL_AT_STEP = int(os.environ.get("TINYZQ_TEST_SIGKILL_AT_STEP", "0") or 0)
+
+
+def _die_on_second_call(fn):
+    calls = []
+
+    def wrapped(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*a, **kw)
+    return wrapped
 
 
 @dataclass
@@ -432,7 +446,10 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                 if n_layers_step:
                     rng = np.random.default_rng([cfg.seed, t, 0x1A7E5])
                     layers = sorted(rng.choice(layers_all, size=n_layers_step, replace=False).tolist())
-                probes = spsa.estimate(params, loss_fn(tok, idx), cfg.seed, t, cfg.eps, cfg.n_dirs, cfg.dist, layers)
+                lf = loss_fn(tok, idx)
+                if t == _SIGKILL_AT_STEP:
+                    lf = _die_on_second_call(lf)
+                probes = spsa.estimate(params, lf, cfg.seed, t, cfg.eps, cfg.n_dirs, cfg.dist, layers)
                 lr, gh = opt.step(params, probes, t, cfg.dist, layers)
                 dt = time.perf_counter() - t0
                 step, seconds, tokens = t, seconds + dt, tokens + 2 * cfg.n_dirs * tok.size
