@@ -180,22 +180,18 @@ def format_table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """Parse `tinyzq bench quality` arguments and run; errors propagate to tinyzq.cli.main, which turns
+    them into one-line messages and exit codes for every command alike."""
     from .cli import _Parser
 
     p = _Parser(prog="tinyzq bench quality",
                 description="perplexity of every (bits, group, method) cell plus float; JSON + SVG")
     add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except TinyzqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    run(p.parse_args(argv))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["bench", "quality", *sys.argv[1:]]))

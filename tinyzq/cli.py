@@ -179,21 +179,10 @@ def cmd_bench(args):
 
 
 def _bench_quality(argv) -> int:
-    """`tinyzq bench quality ...`: routed to tinyzq.bench_quality (main(argv), or add_arguments/run)."""
-    import importlib.util
+    """`tinyzq bench quality ...`: a command with its own parser (tinyzq/bench_quality.py)."""
+    from . import bench_quality
 
-    if importlib.util.find_spec("tinyzq.bench_quality") is None:
-        print("error: `tinyzq bench quality` is not available in this installation (tinyzq/bench_quality.py is missing)",
-              file=sys.stderr)
-        return 2
-    from . import bench_quality as bq
-
-    if hasattr(bq, "main"):
-        return int(bq.main(list(argv)) or 0)
-    p = _Parser(prog="tinyzq bench quality")
-    bq.add_arguments(p)
-    args = p.parse_args(list(argv))
-    return int(bq.run(args) or 0)
+    return int(bench_quality.main(list(argv)) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
