@@ -138,6 +138,16 @@ def _check_shapes(path: str, cfg: ModelConfig, found: dict, expected: Optional[d
     return expected
 
 
+def file_size(path: str) -> int:
+    """Size in bytes of the file a loader is about to read, or a one-line TinyzqError."""
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        raise TinyzqError(f"{path}: no such file or directory") from None
+    except OSError as e:
+        raise TinyzqError(f"{path}: cannot open: {e.strerror or e}") from None
+
+
 def open_source(path) -> TensorSource:
     """Open a model for reading: a ``*.gguf`` file, or a Hugging Face directory
     (``config.json`` + ``model.safetensors`` or a sharded ``model.safetensors.index.json``)."""

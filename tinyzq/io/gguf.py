@@ -23,7 +23,7 @@ import numpy as np
 
 from ..config import SUPPORTED_ARCHS, ModelConfig
 from ..errors import TinyzqError
-from . import TensorSource, _check_shapes
+from . import TensorSource, _check_shapes, file_size
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -57,12 +57,7 @@ class GGUFFile:
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            size = os.path.getsize(path)
-        except FileNotFoundError:
-            raise TinyzqError(f"{path}: no such file") from None
-        except OSError as e:
-            raise TinyzqError(f"{path}: cannot open: {e.strerror or e}") from None
+        size = file_size(path)
         if size < 4:
             raise TinyzqError(f"{path}: not a GGUF file (only {size} bytes)")
         try:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import TinyzqError
-from . import TensorSource, _check_shapes
+from . import TensorSource, _check_shapes, file_size
 
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F64": np.dtype("<f8")}
 _MAX_HEADER = 100 * 1024 * 1024
@@ -29,12 +29,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            size = os.path.getsize(path)
-        except FileNotFoundError:
-            raise TinyzqError(f"{path}: file not found") from None
-        except OSError as e:
-            raise TinyzqError(f"{path}: cannot open: {e.strerror or e}") from None
+        size = file_size(path)
         if size < 8:
             raise TinyzqError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         with open(path, "rb") as f:
