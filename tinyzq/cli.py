@@ -305,15 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["bench", "quality"]:  # a separate command (tinyzq/bench_quality.py)
-        func, args = (lambda _: _bench_quality(argv[2:])), None
-    else:
-        args = build_parser().parse_args(argv)
-        func = args.func
     try:
-        rc = func(args)
-        if args is None and rc:
-            return rc
+        if argv[:2] == ["bench", "quality"]:  # a separate command with its own parser (tinyzq/bench_quality.py)
+            return _bench_quality(argv[2:])
+        args = build_parser().parse_args(argv)
+        args.func(args)
     except TinyzqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
