@@ -100,6 +100,36 @@ uint64_t tzq_stream_read(const uint8_t *buf, int64_t n);
 int tzq_attn_decode(const float *q, const float *k, const float *v, int64_t B, int64_t nh, int64_t nkv,
                     int64_t hd, int64_t qs, int64_t ks, int64_t vs, const float *cos, const float *sin,
                     float *kcache, float *vcache, int64_t max_len, int64_t pos, float scale, float *out);
+/* ---- decode.c: the decoder layers of one decode step (T = 1) in one call ---- */
+/* a packed linear y = x . W^T (+ bias): W as in tzq_qmatmul; bias float32 [rows] or NULL */
+typedef struct {
+    const uint8_t *codes;
+    const float *scales;
+    const float *zeros;
+    const float *bias;
+    int64_t rows;
+    int64_t cols;
+    int32_t bits;
+    int32_t group;
+} tzq_linear;
+/* one decoder layer: norms [d]; qkv rows (nh + 2 nkv) hd (q, k, v); gate_up rows 2 ffn (gate, up);
+   kcache/vcache [B, nkv, max_len, hd] as in tzq_attn_decode */
+typedef struct {
+    const float *attn_norm;
+    const float *mlp_norm;
+    tzq_linear qkv;
+    tzq_linear o;
+    tzq_linear gate_up;
+    tzq_linear down;
+    float *kcache;
+    float *vcache;
+} tzq_layer;
+/* x float32 [B, d], the residual stream, in place: every layer's pre-norm attention (RoPE with
+   cos/sin [hd/2] of position pos, KV stored at pos) and pre-norm SiLU MLP, as tinyzq/model.py
+   (the operations are listed in csrc/decode.c) */
+int tzq_decode_layers(float *x, int64_t B, int64_t d, const tzq_layer *layers, int64_t nlayers,
+                      int64_t nh, int64_t nkv, int64_t hd, int64_t ffn, int64_t max_len, int64_t pos,
+                      const float *cos, const float *sin, float eps, float attn_scale);
 /* ---- rng.c: counter-based random directions z = f(seed, tensor_id, index) for ZO training ---- */
 enum { TZQ_RNG_GAUSSIAN = 0, TZQ_RNG_RADEMACHER = 1 };
 /* the raw 64-bit draw r[index] of stream (seed, tensor_id) (the generator is specified in rng.c) */

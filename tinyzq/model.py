@@ -231,7 +231,14 @@ class Transformer:
         cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
         x = self.embed.take(tokens.reshape(-1).astype(np.int64)).reshape(B, T, -1).astype(np.float32, copy=False)
         fast = cache is not None and T == 1 and _decode_kernels() is not None
-        for i, layer in enumerate(self.layers):
+        layers = self.layers
+        if fast:
+            from .decode import decode_layers  # every layer in one C call when the model fits it
+
+            xc = decode_layers(self, x, cos, sin, cache, pos0)
+            if xc is not None:
+                x, layers = xc, ()
+        for i, layer in enumerate(layers):
             h = rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps)
             if fast:
                 x = x + self._attention_decode(i, layer, h, cos, sin, cache, pos0)
