@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include "tzq_internal.h"
 
+#ifndef TZQ_QUANT_ROW /* else a SIMD version, bit-identical to this one, is used (qgemm_x86.c) */
 /* round half away from zero of a value already clamped to [-127, 127] (== roundf there). */
 static inline int32_t round_half_away(float v)
 {
@@ -47,11 +48,16 @@ static void quantize_row(const float *x, int64_t cols, int8_t *xi, float *d)
         }
     }
 }
+#endif
 
 int tzq_quantize_activations(const float *x, int64_t n, int64_t cols, int8_t *xi, float *d)
 {
     if (tzq_check_layout(cols, 8, 0) != TZQ_OK || n < 0) return TZQ_EINVAL;
+#ifdef TZQ_QUANT_ROW /* a SIMD version, bit-identical */
+    for (int64_t i = 0; i < n; i++) TZQ_QUANT_ROW(x + i * cols, cols, xi + i * cols, d + i * (cols / 32));
+#else
     for (int64_t i = 0; i < n; i++) quantize_row(x + i * cols, cols, xi + i * cols, d + i * (cols / 32));
+#endif
     return TZQ_OK;
 }
 

@@ -84,6 +84,8 @@ TZQ_HIDDEN void tzq_x86_dequant_row(const uint8_t *row, const float *s, const fl
 TZQ_HIDDEN int tzq_x86_qmm_prepare(tzq_qmm *m);
 TZQ_HIDDEN void tzq_x86_qmm_rows(tzq_qmm *m, int64_t r0, int64_t r1);
 TZQ_HIDDEN void tzq_x86_qmm_release(tzq_qmm *m);
+TZQ_HIDDEN void tzq_x86_quantize_row(const float *x, int64_t cols, int8_t *xi, float *d);
+#define TZQ_QUANT_ROW tzq_x86_quantize_row
 #define TZQ_DEQUANT_ROW tzq_x86_dequant_row
 #define TZQ_QMM_PREPARE tzq_x86_qmm_prepare
 #define TZQ_QMM_ROWS tzq_x86_qmm_rows

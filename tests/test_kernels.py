@@ -193,6 +193,21 @@ def test_quantize_activations_special_values_match_numpy():
         assert np.array_equal(xi2, xi) and np.array_equal(d2, d), name
 
 
+def test_quantize_activations_simd_equals_c_reference_on_ties_and_non_finite():
+    """The SIMD activation quantizers (qgemm_x86.c) are bit-identical to the scalar C reference, also
+    on exact .5 ties after scaling, +-0, infinities and NaN (which the reference skips in the block max)."""
+    rng = np.random.default_rng(7)
+    x = (rng.integers(-254, 255, size=(4, 32 * 9)) / 2).astype(np.float32)
+    x[:, ::32] = 127.0  # d = 1: every half-integer is a tie
+    x[1, 40:48] = [np.inf, -np.inf, np.nan, -0.0, 0.0, 1e-40, -1e-40, 3e38]
+    x[2, 64:96] = np.nan
+    x[3, 96:128] = rng.standard_normal(32).astype(np.float32) * np.float32(1e-39)
+    ref = K.get("ref").quantize_activations(x)
+    for name in ISAS:
+        xi, d = K.get(name).quantize_activations(x)
+        assert np.array_equal(xi, ref[0]) and np.array_equal(d, ref[1], equal_nan=True), name
+
+
 @SETTINGS
 @given(layouts(), st.integers(1, 9), st.integers(0, 2**32 - 1))
 def test_qmatmul_c_ref_matches_numpy_ref_exactly(layout, n, seed):
