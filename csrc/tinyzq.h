@@ -140,6 +140,24 @@ int tzq_rng_fill(float *out, int64_t n, uint64_t seed, uint64_t tensor_id, int d
    dst[i] = src[i] + (a*z_i)*src[i]     (mult != 0);  dst may equal src (in place) */
 int tzq_rng_axpy(const float *src, float *dst, int64_t n, uint64_t seed, uint64_t tensor_id, int dist,
                  float a, int mult);
+/* ---- ops.c: element-wise parts of a many-token forward, on the thread pool ---- */
+/* Rows are n vectors; xs/os/gs/us are row strides in floats (>= the row width).
+   out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w   (x [n, d]; out may be x) */
+int tzq_rms_norm(const float *x, int64_t n, int64_t d, int64_t xs, const float *w, float eps, float *out,
+                 int64_t os);
+/* out[i, j] = silu(g[i, j]) * u[i, j]   (f columns; out may be g or u) */
+int tzq_silu_mul(const float *g, int64_t gs, const float *u, int64_t us, int64_t n, int64_t f, float *out,
+                 int64_t os);
+/* rotate-half RoPE in place on the first `heads` heads (hd each) of every row; row i is at
+   position i % T and uses cos/sin [T, hd/2] row i % T */
+int tzq_rope(float *x, int64_t n, int64_t T, int64_t xs, int64_t heads, int64_t hd, const float *cos,
+             const float *sin);
+/* s [rows, S] scores of query blocks of n queries (row i is query i % n of its block); query q sees
+   keys 0 .. first + q - 1: softmax over those, 0 elsewhere, in place */
+int tzq_causal_softmax(float *s, int64_t rows, int64_t S, int64_t n, int64_t first);
+/* online log-sum-exp over a [n, w] tile of logits z: m = max(run_max, max z);
+   run_sum = run_sum * exp(run_max - m) + sum exp(z - m); run_max = m  (fp64 state) */
+int tzq_lse_update(const float *z, int64_t n, int64_t w, double *run_max, double *run_sum);
 /* END CDEF */
 
 #ifdef __cplusplus

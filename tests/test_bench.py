@@ -130,7 +130,7 @@ def test_decode_attention_step_matches_numpy_path(tiny_w4, monkeypatch):
         return np.stack([net.hidden(ids[:, t:t + 1], cache)[0, -1] for t in range(8, 20)])
 
     fast = run()
-    monkeypatch.setattr(model, "_decode_kernels", lambda: None)
+    monkeypatch.setattr(model, "_kernels", lambda: None)
     slow = run()
     assert np.abs(fast - slow).max() <= 1e-4 * np.abs(slow).max()
 

@@ -89,7 +89,7 @@ def _load_ours(path: str, fp32: bool):
 
     m = api.load(path)
     if fp32:
-        model._decode_kernels = lambda: None  # the plain NumPy forward: no C attention step
+        model._kernels = lambda: None  # the plain NumPy forward: no C attention step or element-wise ops
         w = {}
         for name, lin in m.weights.items():
             if hasattr(lin, "dequantize") and not isinstance(lin, FloatLinear):

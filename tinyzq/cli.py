@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train", choices=["scales", "qv", "latent"], default="scales",
                    help="what is trained: scales (per-group scales/zeros + norms; default), qv (fp Q/V projections), "
                         "latent (fp latent weights + learnable clipping, re-quantized every forward)")
-    s.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-4 scales, 1e-5 qv/latent)")
+    s.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 scales, 1e-5 qv/latent)")
     s.add_argument("--eps", type=float, default=1e-3, help="perturbation size (relative for scales/norms)")
     s.add_argument("--n-dirs", type=_positive(int), default=1, help="random directions averaged per step")
     s.add_argument("--dist", choices=["gaussian", "rademacher"], default="gaussian")
@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-minutes", type=_nonneg(float), default=12.0,
                    help="zeroth-order training budget for the W3 model (0 = skip training; default 12)")
     s.add_argument("--train-batch", type=_positive(int), default=2, help="windows per training step (default 2)")
+    s.add_argument("--train-ctx", type=_positive(int), default=256,
+                   help="tokens per training window (default 256: twice the steps of 512 in the same time)")
+    s.add_argument("--train-lr", type=_positive(float), default=None, help="training learning rate (default: tinyzq train's)")
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -102,8 +102,10 @@ def run_demo(args) -> dict:
             import shutil
 
             shutil.rmtree(run_dir)
-        rep = api.train(qdir, run_dir, minutes=minutes, train="scales", batch=args.train_batch, ctx=args.ctx,
-                        eval_every=0, val_windows=min(8, args.max_windows), save_every=25)
+        lr = {"lr": args.train_lr} if getattr(args, "train_lr", None) else {}
+        rep = api.train(qdir, run_dir, minutes=minutes, train="scales", batch=args.train_batch,
+                        ctx=getattr(args, "train_ctx", args.ctx), eval_every=0, val_windows=min(8, args.max_windows),
+                        save_every=25, **lr)
         _say(f"   trained {rep['steps']} steps in {rep['train_seconds']:.0f} s "
              f"({rep['mean_step_seconds'] or 0:.1f} s/step, peak RSS {rep['peak_rss_mb']:.0f} MiB)")
         tm = api.load(run_dir)

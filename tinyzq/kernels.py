@@ -479,6 +479,87 @@ class Kernels:
         return out
 
 
+    # -- element-wise parts of a many-token forward (csrc/ops.c), row-parallel on the pool
+    def _rows(self, a, name: str, writeable: bool = False):
+        """(pointer, rows, width, row stride in floats) of a float32 array whose last axis has unit
+        stride and whose leading axes collapse into one row stride (e.g. a column slice of a
+        contiguous [B, T, k] array)."""
+        if not isinstance(a, np.ndarray) or a.dtype != _F32 or a.ndim < 1:
+            _err(f"{name} must be a float32 numpy array")
+        if writeable and not a.flags.writeable:
+            _err(f"{name} must be writeable")
+        w = a.shape[-1]
+        n = a.size // w if w else 0
+        st = a.strides
+        if a.ndim == 1:
+            rs = w
+        else:
+            rs = st[-2] // 4
+            if st[-1] != 4 or st[-2] % 4 or any(st[i] != st[i + 1] * a.shape[i + 1] for i in range(a.ndim - 2)):
+                _err(f"{name} must have unit stride along its last axis and evenly strided rows")
+        if rs < w and n > 1:
+            _err(f"{name}: rows overlap")
+        return self.ffi.cast("float *", a.__array_interface__["data"][0]), n, w, rs
+
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float, out=None) -> np.ndarray:
+        """x / sqrt(mean(x**2, -1) + eps) * w over the last axis (float32; out may be x)."""
+        px, n, d, xs = self._rows(x, "x")
+        w = _arr(w, "w", np.float32, 1)
+        if w.shape != (d,):
+            _err(f"w must have shape ({d},), got {w.shape}")
+        out = np.empty(x.shape, np.float32) if out is None else out
+        po, no, do, os_ = self._rows(out, "out", True)
+        if (no, do) != (n, d):
+            _err(f"out must have shape {x.shape}, got {out.shape}")
+        self._check(self.lib.tzq_rms_norm(px, n, d, xs, self._p("float[]", w), float(eps), po, os_), "rms_norm")
+        return out
+
+    def silu_mul(self, g: np.ndarray, u: np.ndarray, out=None) -> np.ndarray:
+        """silu(g) * u element-wise (float32, same shapes; out may be g or u)."""
+        if getattr(g, "shape", None) != getattr(u, "shape", None):
+            _err("g and u must have the same shape")
+        pg, n, f, gs = self._rows(g, "g")
+        pu, _, _, us = self._rows(u, "u")
+        out = np.empty(g.shape, np.float32) if out is None else out
+        po, no, fo, os_ = self._rows(out, "out", True)
+        if (no, fo) != (n, f):
+            _err(f"out must have shape {g.shape}, got {out.shape}")
+        self._check(self.lib.tzq_silu_mul(pg, gs, pu, us, n, f, po, os_), "silu_mul")
+        return out
+
+    def rope_(self, x: np.ndarray, heads: int, hd: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Rotate-half RoPE in place on the first `heads` heads of x [..., T, >= heads*hd] (the row of
+        token t uses cos/sin [T, hd/2] row t)."""
+        px, n, w, xs = self._rows(x, "x", True)
+        cos, sin = _arr(cos, "cos", np.float32), _arr(sin, "sin", np.float32)
+        T = cos.shape[0]
+        if x.ndim < 2 or x.shape[-2] != T or cos.shape != (T, hd // 2) or sin.shape != cos.shape or heads * hd > w:
+            _err(f"rope: x {x.shape} does not fit {heads} heads of {hd} and cos/sin {cos.shape}")
+        self._check(self.lib.tzq_rope(px, n, T, xs, heads, hd, self._p("float[]", cos), self._p("float[]", sin)),
+                    "rope")
+        return x
+
+    def causal_softmax_(self, s: np.ndarray, n: int, first: int) -> np.ndarray:
+        """In place over the last axis of scores s [..., n, S]: query q (q = row index % n) sees keys
+        0 .. first+q-1 (softmax over them, 0 elsewhere)."""
+        ps, rows, S, ss = self._rows(s, "s", True)
+        if ss != S or s.ndim < 2 or s.shape[-2] != n:
+            _err(f"s must be a C-contiguous [..., {n}, S] array, got {s.shape}")
+        self._check(self.lib.tzq_causal_softmax(ps, rows, S, n, first), "causal_softmax")
+        return s
+
+    def lse_update(self, z: np.ndarray, run_max: np.ndarray, run_sum: np.ndarray) -> None:
+        """Online log-sum-exp over the rows of a logits tile z [n, w] (float32 C-contiguous) into
+        float64 run_max/run_sum [n], in place."""
+        z = _arr(z, "z", np.float32)
+        n = z.shape[0]
+        for name, a in (("run_max", run_max), ("run_sum", run_sum)):
+            _arr(a, name, np.float64, 1)
+            if a.shape != (n,):
+                _err(f"{name} must have shape ({n},)")
+        self._check(self.lib.tzq_lse_update(self._p("float[]", z), n, z.shape[1], self._p("double[]", run_max),
+                                            self._p("double[]", run_sum)), "lse_update")
+
     # -- counter-based random directions (csrc/rng.c) for zeroth-order training
     def rng_bits(self, seed: int, tensor_id: int, index: int) -> int:
         """The raw 64-bit draw r[index] of the stream (seed, tensor_id) (specified in csrc/rng.c)."""

@@ -74,7 +74,7 @@ class FloatLinear:
 ATTN_QBLOCK = 64  # queries per block of the causal attention (keys past the block's last query are skipped)
 
 
-def _causal_gqa(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
+def _causal_gqa(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int, K=None) -> np.ndarray:
     """Causal grouped-query attention. q [B, nkv, g, T, hd] (already scaled) at absolute positions
     pos0..pos0+T-1; k, v [B, nkv, S, hd] for positions 0..S-1. Returns [B, nkv, g, T, hd].
 
@@ -89,6 +89,10 @@ def _causal_gqa(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.nd
         n, S1 = t1 - t0, pos0 + t1  # keys 0..S1-1 are visible to some query of the block
         qb = np.ascontiguousarray(q[:, :, :, t0:t1]).reshape(B, nkv, g * n, hd)
         scores = (qb @ k[:, :, :S1].swapaxes(-1, -2)).reshape(B, nkv, g, n, S1)
+        if K is not None:  # csrc/ops.c: mask, max, exp, sum and scale in one threaded pass
+            K.causal_softmax_(scores, n, pos0 + t0 + 1)
+            out[:, :, :, t0:t1] = (scores.reshape(B, nkv, g * n, S1) @ v[:, :, :S1]).reshape(B, nkv, g, n, hd)
+            continue
         if n > 1:  # causal: the query at absolute position pos0+t sees keys 0..pos0+t
             scores += np.where(np.arange(S1)[None, :] > (pos0 + np.arange(t0, t1))[:, None], -np.inf,
                                0.0).astype(np.float32)
@@ -105,8 +109,9 @@ def _fuse(parts):
     return fuse(parts) if fuse is not None else None
 
 
-def _decode_kernels():
-    """The C kernels for the T = 1 attention step, or None when they are not built."""
+def _kernels():
+    """The C kernels (T = 1 attention step, element-wise ops of csrc/ops.c), or None when they are
+    not built: the NumPy functions below are then used (they are also the tests' reference)."""
     try:
         from . import kernels
 
@@ -230,7 +235,10 @@ class Transformer:
         ang = np.arange(pos0, pos0 + T, dtype=np.float64)[:, None] * self.inv_freq[None, :]
         cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
         x = self.embed.take(tokens.reshape(-1).astype(np.int64)).reshape(B, T, -1).astype(np.float32, copy=False)
-        fast = cache is not None and T == 1 and _decode_kernels() is not None
+        K = _kernels()
+        fast = cache is not None and T == 1 and K is not None
+        eps = self.cfg.rms_norm_eps
+        norm = (lambda a, w: K.rms_norm(a, w, eps)) if K is not None else (lambda a, w: rms_norm(a, w, eps))
         layers = self.layers
         if fast:
             from .decode import decode_layers  # every layer in one C call when the model fits it
@@ -239,34 +247,38 @@ class Transformer:
             if xc is not None:
                 x, layers = xc, ()
         for i, layer in enumerate(layers):
-            h = rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps)
+            h = norm(x, layer.attn_norm)
             if fast:
                 x = x + self._attention_decode(i, layer, h, cos, sin, cache, pos0)
             else:
-                x = x + self._attention(i, layer, h, cos, sin, cache, pos0)
-            h = rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps)
+                x = x + self._attention(i, layer, h, cos, sin, cache, pos0, K)
+            h = norm(x, layer.mlp_norm)
             g, u = self._proj(layer.gate_up, [layer.gate, layer.up], h)
-            x = x + layer.down(silu(g) * u)
+            x = x + layer.down(K.silu_mul(g, u) if K is not None else silu(g) * u)
         if cache is not None:
             cache.length = pos0 + T
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return norm(x, self.norm)
 
-    def _attention(self, i, layer, h, cos, sin, cache, pos0):
+    def _attention(self, i, layer, h, cos, sin, cache, pos0, K=None):
         cfg = self.cfg
         B, T, _ = h.shape
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q, k, v = self._proj(layer.qkv, [layer.q, layer.k, layer.v], h)
+        if K is not None:  # in place on the projections' fresh outputs (views of one fused output)
+            K.rope_(q, nh, hd, cos, sin)
+            K.rope_(k, nkv, hd, cos, sin)
         q = q.reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
         k = k.reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
         v = v.reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if K is None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache.k[i][:, :, pos0:pos0 + T] = k
             cache.v[i][:, :, pos0:pos0 + T] = v
             k, v = cache.k[i][:, :, :pos0 + T], cache.v[i][:, :, :pos0 + T]
         g = nh // nkv
         q = (q * np.float32(1.0 / math.sqrt(hd))).reshape(B, nkv, g, T, hd)
-        out = _causal_gqa(q, k, v, pos0).reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
+        out = _causal_gqa(q, k, v, pos0, K).reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
         return layer.o(out)
 
     def _attention_decode(self, i, layer, h, cos, sin, cache, pos0):
@@ -278,7 +290,7 @@ class Transformer:
         h2 = h.reshape(B, -1)
         q, k, v = self._proj(layer.qkv, [layer.q, layer.k, layer.v], h2)
         q, k, v = (np.asarray(a, dtype=np.float32) for a in (q, k, v))
-        out = _decode_kernels().attn_decode(q, k, v, nh, nkv, cos[0], sin[0], cache.k[i], cache.v[i], pos0,
+        out = _kernels().attn_decode(q, k, v, nh, nkv, cos[0], sin[0], cache.k[i], cache.v[i], pos0,
                                              1.0 / math.sqrt(hd))
         return layer.o(out).reshape(B, 1, -1)
 
@@ -299,14 +311,18 @@ class Transformer:
         run_max = np.full(n, -np.inf)
         run_sum = np.zeros(n)
         target_logit = np.zeros(n)
+        K = _kernels()
         for a in range(0, V, tile):
             b = min(V, a + tile)
             z = h @ self.head.rows(a, b).T  # [n, tile] fp32
+            hit = (targets >= a) & (targets < b)
+            target_logit[hit] = z[hit, targets[hit] - a]
+            if K is not None:
+                K.lse_update(z, run_max, run_sum)
+                continue
             m = np.maximum(run_max, z.max(axis=1))
             run_sum = run_sum * np.exp(run_max - m) + np.exp(z - m[:, None].astype(np.float32)).sum(axis=1, dtype=np.float64)
             run_max = m
-            hit = (targets >= a) & (targets < b)
-            target_logit[hit] = z[hit, targets[hit] - a]
         return run_max + np.log(run_sum) - target_logit
 
     def sequence_nll(self, tokens: np.ndarray) -> tuple[float, int]:

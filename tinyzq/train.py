@@ -35,7 +35,7 @@ import numpy as np
 from .errors import TinyzqError
 from .sysinfo import peak_rss_mb
 
-DEFAULT_LR = {"scales": 3e-4, "qv": 1e-5, "latent": 1e-5}
+DEFAULT_LR = {"scales": 1e-3, "qv": 1e-5, "latent": 1e-5}
 STATE_VERSION = 1
 # Tests only: SIGKILL this process in the middle of step N (between its two loss evaluations, while the
 # parameters are perturbed in place) — a deterministic stand-in for a power cut.
