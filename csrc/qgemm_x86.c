@@ -25,8 +25,13 @@
  * into 0/4 with a vpshufb table per t. Each step's int32 sums are converted to fp32 and
  * accumulated with FMA against a per-lane multiplier d_b * s_g (d_b from the prepared
  * activations, s_g broadcast, or gathered with vpermps when a step straddles groups); the zero
- * points are applied once per row as sum_g s_g * z_g * sx_g. The last step of a row is read from
- * a zero-padded copy when the row does not fill it (the padded activations are 0 and d_b = 0).
+ * points are applied once per row as sum_g s_g * z_g * sx_g. When every step holds two whole
+ * groups (2/3-bit g64, 4-bit g32) s_g is one 64-bit broadcast + an in-lane permute. The last step
+ * of a row is read from a zero-padded copy when the row does not fill it (the padded activations
+ * are 0 and d_b = 0), except for 2/3-bit rows that end half-way into it (cols % 128 == 64, e.g.
+ * 576; group % 64 == 0): that half step is done for two rows at once, one per 128-bit lane
+ * (half_step; ~1/3 of the 2/3-bit cost at 576 columns went into the padded copies and the wasted
+ * half). The 2/3-bit activation permutation is vectorised (permute23).
  * Work is done in tiles of RT weight rows x NT activation rows, (RT, NT) = (4,1), (2,2), (1,4)
  * (+ (1,2), (1,1) for leftovers): every (row, activation) pair has its own accumulator, so
  * several FMA chains are in flight, and a weight row is read from memory once per call (the
@@ -217,9 +222,14 @@ void tzq_x86_quantize_row(const float *x, int64_t cols, int8_t *xi, float *d)
 
 typedef struct {
     int S;                 /* 32-blocks per step */
-    int uniform;           /* every step lies inside one group */
+    int uniform;           /* 1: every step lies inside one group; 2: every full step holds exactly
+                              two groups (lanes 0-3 in the first, 4-7 in the second); 0: other */
+    int half;              /* 2/3-bit, group % 64 == 0, and the rows end half-way into their last
+                              step (cols % 128 == 64, e.g. 576): the last step is done for two
+                              rows at once, one per 128-bit lane (see tile) */
     int64_t nsteps, full;  /* steps per row; steps fully inside the row (nsteps - full <= 1) */
     int64_t xstride;       /* bytes of prepared activations per step */
+    int64_t pfrow;         /* decode prefetch: bytes of one row per full step, rounded up */
     int8_t *xs;            /* [n][nsteps][xstride] */
     float *dv;             /* [n][nsteps][8] d_b of each int32 lane's block */
     int32_t *g0;           /* [nsteps] group of the step's first block */
@@ -235,6 +245,28 @@ static int lane_block(int bits, int lane)
 
 static size_t align32(size_t v) { return (v + 31) & ~(size_t)31; }
 
+/* dst[32t + k] = src[4k + t], t = 0..3, k = 0..31 (the 2/3-bit step layout) */
+static inline void permute23(const int8_t *src, int8_t *dst)
+{
+    /* per 128-bit lane: bytes t, t+4, t+8, t+12 to dword t; then per 256-bit register the two
+       lanes' dwords t side by side (qword t = 8 consecutive k for one t); then a 4x4 qword transpose */
+    const __m256i byt = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                         0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i dw = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i a[4], t0, t1, t2, t3;
+    for (int i = 0; i < 4; i++)
+        a[i] = _mm256_permutevar8x32_epi32(
+            _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(src + 32 * i)), byt), dw);
+    t0 = _mm256_unpacklo_epi64(a[0], a[1]); /* [q0 of a0, q0 of a1 | q2 of a0, q2 of a1] */
+    t1 = _mm256_unpackhi_epi64(a[0], a[1]); /* [q1 .. | q3 ..] */
+    t2 = _mm256_unpacklo_epi64(a[2], a[3]);
+    t3 = _mm256_unpackhi_epi64(a[2], a[3]);
+    _mm256_store_si256((__m256i *)dst, _mm256_permute2x128_si256(t0, t2, 0x20));
+    _mm256_store_si256((__m256i *)(dst + 32), _mm256_permute2x128_si256(t1, t3, 0x20));
+    _mm256_store_si256((__m256i *)(dst + 64), _mm256_permute2x128_si256(t0, t2, 0x31));
+    _mm256_store_si256((__m256i *)(dst + 96), _mm256_permute2x128_si256(t1, t3, 0x31));
+}
+
 int tzq_x86_qmm_prepare(tzq_qmm *m)
 {
     x86_prep *p;
@@ -248,8 +280,10 @@ int tzq_x86_qmm_prepare(tzq_qmm *m)
     p->S = bits == 4 ? 2 : bits == 8 ? 1 : 4;
     p->nsteps = (nb + p->S - 1) / p->S;
     p->full = nb / p->S;
-    p->uniform = m->group % (32 * p->S) == 0;
+    p->uniform = m->group % (32 * p->S) == 0 ? 1 : 2 * m->group == 32 * p->S ? 2 : 0;
+    p->half = (bits == 2 || bits == 3) && m->group % 64 == 0 && nb % 4 == 2;
     p->xstride = bits == 8 ? (TZQ_VNNI ? 32 : 64) : 32 * p->S;
+    p->pfrow = p->full > 0 ? (cols * bits / 8 + p->full - 1) / p->full : 0;
 
     off_xs = 0;
     off_dv = align32(off_xs + (size_t)(n * p->nsteps * p->xstride));
@@ -298,15 +332,18 @@ int tzq_x86_qmm_prepare(tzq_qmm *m)
                         memcpy(dst + 2 * k, &v, 2);
                     }
                 }
+            } else if (s < p->full) { /* x_t[k] = src[e0 + 4k + t]: a 4-way byte deinterleave */
+                permute23(src + e0, dst);
             } else {
+                const int dup = p->half && s == p->full; /* upper lane = lower lane */
                 for (int t = 0; t < 4; t++)
                     for (int k = 0; k < 32; k++) {
-                        const int64_t e = e0 + 4 * k + t;
+                        const int64_t e = e0 + 4 * (dup ? k & 15 : k) + t;
                         dst[32 * t + k] = e < cols ? src[e] : 0;
                     }
             }
             for (int l = 0; l < 8; l++) {
-                const int64_t b = s * p->S + lane_block(bits, l);
+                const int64_t b = s * p->S + lane_block(bits, p->half && s == p->full ? l & 3 : l);
                 dv[l] = b < nb ? m->d[i * nb + b] : 0.0f;
             }
         }
@@ -387,6 +424,39 @@ TZQ_INLINE __m256i step_isum(const int bits, const __m256i *q, const int8_t *x)
 #endif
 }
 
+/* 2/3-bit unpack of a step from its 32 code bytes v and (3-bit) its 16 bit-2 bytes h */
+TZQ_INLINE void step_weights23(const int bits, __m256i v, __m128i h, __m256i *q)
+{
+    const __m256i m2 = _mm256_set1_epi8(3);
+    q[0] = _mm256_and_si256(v, m2);
+    q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m2);
+    q[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
+    q[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m2);
+    if (bits == 3) {
+        /* byte k of the step holds element 4k+t in vector t; its bit 2 is bit 4*(k&1)+t of
+           high-plane byte k>>1. Spread the 16 high bytes to one nibble per byte (even k: low
+           nibble, odd k: high nibble): zero-extend to 16 bits (word j = byte j), w | w << 4 puts
+           the high nibble in the word's high byte, the mask clears the low byte's copy. Then look
+           up ((nibble >> t) & 1) << 2. */
+        const __m256i w = _mm256_cvtepu8_epi16(h);
+        const __m256i nib = _mm256_and_si256(_mm256_or_si256(w, _mm256_slli_epi16(w, 4)), _mm256_set1_epi8(15));
+#define LUT(t) _mm256_setr_epi8( \
+    ((0 >> t) & 1) << 2, ((1 >> t) & 1) << 2, ((2 >> t) & 1) << 2, ((3 >> t) & 1) << 2, \
+    ((4 >> t) & 1) << 2, ((5 >> t) & 1) << 2, ((6 >> t) & 1) << 2, ((7 >> t) & 1) << 2, \
+    ((8 >> t) & 1) << 2, ((9 >> t) & 1) << 2, ((10 >> t) & 1) << 2, ((11 >> t) & 1) << 2, \
+    ((12 >> t) & 1) << 2, ((13 >> t) & 1) << 2, ((14 >> t) & 1) << 2, ((15 >> t) & 1) << 2, \
+    ((0 >> t) & 1) << 2, ((1 >> t) & 1) << 2, ((2 >> t) & 1) << 2, ((3 >> t) & 1) << 2, \
+    ((4 >> t) & 1) << 2, ((5 >> t) & 1) << 2, ((6 >> t) & 1) << 2, ((7 >> t) & 1) << 2, \
+    ((8 >> t) & 1) << 2, ((9 >> t) & 1) << 2, ((10 >> t) & 1) << 2, ((11 >> t) & 1) << 2, \
+    ((12 >> t) & 1) << 2, ((13 >> t) & 1) << 2, ((14 >> t) & 1) << 2, ((15 >> t) & 1) << 2)
+        q[0] = _mm256_or_si256(q[0], _mm256_shuffle_epi8(LUT(0), nib));
+        q[1] = _mm256_or_si256(q[1], _mm256_shuffle_epi8(LUT(1), nib));
+        q[2] = _mm256_or_si256(q[2], _mm256_shuffle_epi8(LUT(2), nib));
+        q[3] = _mm256_or_si256(q[3], _mm256_shuffle_epi8(LUT(3), nib));
+#undef LUT
+    }
+}
+
 /* unpack the weights of one step: lo = 32 code bytes (bit-2 plane: 16 bytes at hi for 3-bit) */
 TZQ_INLINE void step_weights(const int bits, const uint8_t *lo, const uint8_t *hi, __m256i *q)
 {
@@ -403,35 +473,8 @@ TZQ_INLINE void step_weights(const int bits, const uint8_t *lo, const uint8_t *h
         q[0] = _mm256_and_si256(v, m4);
         q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
     } else {
-        const __m256i m2 = _mm256_set1_epi8(3);
-        const __m256i v = _mm256_loadu_si256((const __m256i *)lo);
-        q[0] = _mm256_and_si256(v, m2);
-        q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m2);
-        q[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
-        q[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m2);
-        if (bits == 3) {
-            /* byte k of the step holds element 4k+t in vector t; its bit 2 is bit 4*(k&1)+t of
-               high-plane byte k>>1. Spread the 16 high bytes to one nibble per byte (even k: low
-               nibble, odd k: high nibble), then look up ((nibble >> t) & 1) << 2. */
-            const __m128i m4 = _mm_set1_epi8(15);
-            const __m128i h = _mm_loadu_si128((const __m128i *)hi);
-            const __m128i hl = _mm_and_si128(h, m4), hh = _mm_and_si128(_mm_srli_epi16(h, 4), m4);
-            const __m256i nib = _mm256_set_m128i(_mm_unpackhi_epi8(hl, hh), _mm_unpacklo_epi8(hl, hh));
-#define LUT(t) _mm256_setr_epi8( \
-    ((0 >> t) & 1) << 2, ((1 >> t) & 1) << 2, ((2 >> t) & 1) << 2, ((3 >> t) & 1) << 2, \
-    ((4 >> t) & 1) << 2, ((5 >> t) & 1) << 2, ((6 >> t) & 1) << 2, ((7 >> t) & 1) << 2, \
-    ((8 >> t) & 1) << 2, ((9 >> t) & 1) << 2, ((10 >> t) & 1) << 2, ((11 >> t) & 1) << 2, \
-    ((12 >> t) & 1) << 2, ((13 >> t) & 1) << 2, ((14 >> t) & 1) << 2, ((15 >> t) & 1) << 2, \
-    ((0 >> t) & 1) << 2, ((1 >> t) & 1) << 2, ((2 >> t) & 1) << 2, ((3 >> t) & 1) << 2, \
-    ((4 >> t) & 1) << 2, ((5 >> t) & 1) << 2, ((6 >> t) & 1) << 2, ((7 >> t) & 1) << 2, \
-    ((8 >> t) & 1) << 2, ((9 >> t) & 1) << 2, ((10 >> t) & 1) << 2, ((11 >> t) & 1) << 2, \
-    ((12 >> t) & 1) << 2, ((13 >> t) & 1) << 2, ((14 >> t) & 1) << 2, ((15 >> t) & 1) << 2)
-            q[0] = _mm256_or_si256(q[0], _mm256_shuffle_epi8(LUT(0), nib));
-            q[1] = _mm256_or_si256(q[1], _mm256_shuffle_epi8(LUT(1), nib));
-            q[2] = _mm256_or_si256(q[2], _mm256_shuffle_epi8(LUT(2), nib));
-            q[3] = _mm256_or_si256(q[3], _mm256_shuffle_epi8(LUT(3), nib));
-#undef LUT
-        }
+        step_weights23(bits, _mm256_loadu_si256((const __m256i *)lo),
+                       bits == 3 ? _mm_loadu_si128((const __m128i *)hi) : _mm_setzero_si128(), q);
     }
 }
 
@@ -466,7 +509,10 @@ TZQ_INLINE void tile_step(const x86_prep *p, const int bits, const int RT, const
     for (int r = 0; r < RT; r++) {
         __m256 sv;
         step_weights(bits, lo[r], hi[r], q);
-        if (uni) sv = _mm256_broadcast_ss(srow[r] + p->g0[s]);
+        if (uni == 1) sv = _mm256_broadcast_ss(srow[r] + p->g0[s]);
+        else if (uni == 2) /* [a b a b ..] -> [a a a a b b b b] */
+            sv = _mm256_permutevar_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double *)(srow[r] + p->g0[s]))),
+                                      _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
         else sv = _mm256_permutevar8x32_ps(
             _mm256_maskload_ps(srow[r] + p->g0[s], _mm256_load_si256((const __m256i *)(p->lmask + 8 * s))),
             _mm256_load_si256((const __m256i *)(p->lidx + 8 * s)));
@@ -476,6 +522,36 @@ TZQ_INLINE void tile_step(const x86_prep *p, const int bits, const int RT, const
             const __m256 mult = _mm256_mul_ps(_mm256_load_ps(dv[t] + 8 * s), sv);
             acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), mult, acc[r][t]);
         }
+    }
+}
+
+/* The last, half step of rows r (and r + 1 if two): the 16 code bytes (+ 8 bit-2 bytes) of row r in
+   the low 128-bit lane, of row r + 1 in the high lane (row r again if one); the prepared activations
+   and d_b of this step hold the same values in both lanes. Lanes 0-3 of a row's accumulator get the
+   step's 4 lane products, lanes 4-7 are left alone: a row gets bit-identical sums in either lane. */
+TZQ_INLINE void half_step(const x86_prep *p, const int bits, const int NT, const int two,
+                          const uint8_t *lo0, const uint8_t *hi0, const uint8_t *lo1, const uint8_t *hi1,
+                          const float *s0, const float *s1, const int8_t *const *xs, const float *const *dv,
+                          __m256 (*acc)[NT_MAX])
+{
+    const int64_t s = p->full;
+    const int g0 = p->g0[s];
+    __m256i q[4];
+    __m128i h = _mm_setzero_si128();
+    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)lo0)),
+                                              _mm_loadu_si128((const __m128i *)lo1), 1);
+    const __m256 sv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(s0 + g0)),
+                                           _mm_broadcast_ss(s1 + g0), 1);
+    if (bits == 3) h = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)hi0), _mm_loadl_epi64((const __m128i *)hi1));
+    step_weights23(bits, v, h, q);
+    UNROLL
+    for (int t = 0; t < NT; t++) {
+        const __m256 prod = _mm256_cvtepi32_ps(step_isum(bits, q, xs[t] + s * p->xstride));
+        const __m256 mult = _mm256_mul_ps(_mm256_load_ps(dv[t] + 8 * s), sv);
+        acc[0][t] = _mm256_blend_ps(acc[0][t], _mm256_fmadd_ps(prod, mult, acc[0][t]), 0x0f);
+        if (two)
+            acc[1][t] = _mm256_blend_ps(acc[1][t], _mm256_fmadd_ps(_mm256_permute2f128_ps(prod, prod, 1),
+                                                                   _mm256_permute2f128_ps(mult, mult, 1), acc[1][t]), 0x0f);
     }
 }
 
@@ -504,11 +580,15 @@ TZQ_INLINE void tile(const tzq_qmm *m, const x86_prep *p, const int bits, const 
         xs[t] = p->xs + (n0 + t) * nsteps * xstride;
         dv[t] = p->dv + (n0 + t) * nsteps * 8;
     }
+    /* decode prefetch: the next tile's RT * rb bytes spread over this tile's full steps */
+    const int64_t pfstep = RT * p->pfrow;
     for (int64_t s = 0; s < full; s++) {
         if (NT == 1) { /* decode: software prefetch, see PF_AHEAD */
-            const char *pf = (const char *)((uintptr_t)m->codes + (uintptr_t)((o + RT) * rb + PF_AHEAD + s * 128));
+            const char *pf = (const char *)((uintptr_t)m->codes + (uintptr_t)((o + RT) * rb + PF_AHEAD + s * pfstep));
             _mm_prefetch(pf, _MM_HINT_T0);
             _mm_prefetch(pf + 64, _MM_HINT_T0);
+            if ((bits == 2 || bits == 3) && pfstep > 128) _mm_prefetch(pf + 128, _MM_HINT_T0);
+            if (bits == 3 && pfstep > 192) _mm_prefetch(pf + 192, _MM_HINT_T0);
         }
         tile_step(p, bits, RT, NT, uni, s, lo, hi, srow, xs, dv, acc);
         UNROLL
@@ -517,13 +597,19 @@ TZQ_INLINE void tile(const tzq_qmm *m, const x86_prep *p, const int bits, const 
             hi[r] += 16;
         }
     }
-    if (full < nsteps) { /* the last step, from the zero-padded copies */
+    if ((bits == 2 || bits == 3) && p->half) { /* the last, half step: two rows at once */
+        UNROLL
+        for (int r = 0; r < RT; r += 2) {
+            const int r1 = r + 1 < RT ? r + 1 : r;
+            half_step(p, bits, NT, r + 1 < RT, lo[r], hi[r], lo[r1], hi[r1], srow[r], srow[r1], xs, dv, acc + r);
+        }
+    } else if (full < nsteps) { /* the last step, from the zero-padded copies */
         UNROLL
         for (int r = 0; r < RT; r++) {
             lo[r] = tails[r];
             hi[r] = tails[r] + 32;
         }
-        tile_step(p, bits, RT, NT, uni, full, lo, hi, srow, xs, dv, acc);
+        tile_step(p, bits, RT, NT, uni == 2 ? 0 : uni, full, lo, hi, srow, xs, dv, acc);
     }
     UNROLL
     for (int t = 0; t < NT; t++) {
@@ -547,7 +633,7 @@ TZQ_INLINE void rows_bits(tzq_qmm *m, const int bits, const int uni, int64_t r0,
     memset(tails, 0, sizeof(tails));
     for (int64_t o = r0; o < r1; o += RT_MAX) {
         const int nr = r1 - o < RT_MAX ? (int)(r1 - o) : RT_MAX;
-        if (full < p->nsteps) /* the rows end inside the last step: zero-padded copies */
+        if (full < p->nsteps && !p->half) /* the rows end inside the last step: zero-padded copies */
             for (int r = 0; r < nr; r++) {
                 const uint8_t *row = m->codes + (o + r) * rb;
                 if (bits == 3) {
@@ -582,7 +668,9 @@ TZQ_INLINE void rows_bits(tzq_qmm *m, const int bits, const int uni, int64_t r0,
 #define ROWS(b)                                                                         \
     static void rows##b(tzq_qmm *m, int64_t r0, int64_t r1)                             \
     {                                                                                   \
-        if (((const x86_prep *)m->kern)->uniform) rows_bits(m, b, 1, r0, r1);          \
+        const int u = ((const x86_prep *)m->kern)->uniform;                            \
+        if (u == 1) rows_bits(m, b, 1, r0, r1);                                         \
+        else if (u == 2) rows_bits(m, b, 2, r0, r1);                                    \
         else rows_bits(m, b, 0, r0, r1);                                                \
     }
 ROWS(4)

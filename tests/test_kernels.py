@@ -283,19 +283,22 @@ def test_qmatmul_extremes(name):
 def test_results_do_not_depend_on_threads(name):
     k = K.get(name)
     rng = np.random.default_rng(5)
-    bits, rows, cols, group = 4, 1500, 576, 64
-    q, c, s, z = make_weight(rng, bits, rows, cols, group)
-    x = rng.standard_normal((3, cols)).astype(np.float32)
     try:
-        k.set_threads(1)
-        y1, w1 = k.qmatmul(x, c, s, z, bits, group), k.dequantize(c, s, z, bits, group)
-        u1 = k.unpack(c, bits, cols)
-        for t in (2, 3, 2):
-            k.set_threads(t)
-            assert k.get_threads() == t
-            assert np.array_equal(k.qmatmul(x, c, s, z, bits, group), y1)
-            assert np.array_equal(k.dequantize(c, s, z, bits, group), w1)
-            assert np.array_equal(k.unpack(c, bits, cols), u1)
+        # 2/3-bit, 576 columns: the last half step is done two rows at a time or alone (odd rows,
+        # thread chunk edges), decode (n = 1) and prefill tiles
+        for bits, rows, n in ((4, 1500, 3), (3, 1501, 1), (2, 1501, 1), (3, 1501, 3), (2, 1499, 2)):
+            cols, group = 576, 64
+            q, c, s, z = make_weight(rng, bits, rows, cols, group)
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            k.set_threads(1)
+            y1, w1 = k.qmatmul(x, c, s, z, bits, group), k.dequantize(c, s, z, bits, group)
+            u1 = k.unpack(c, bits, cols)
+            for t in (2, 3, 2):
+                k.set_threads(t)
+                assert k.get_threads() == t
+                assert np.array_equal(k.qmatmul(x, c, s, z, bits, group), y1), (bits, t)
+                assert np.array_equal(k.dequantize(c, s, z, bits, group), w1)
+                assert np.array_equal(k.unpack(c, bits, cols), u1)
     finally:
         k.set_threads(K.get_threads())
 
