@@ -143,12 +143,25 @@ static void *worker(void *arg)
             }
         }
         seen = g;
-        {   /* claim this generation for ourselves unless the caller cancelled us */
+        {   /* claim generation g unless a caller has cancelled us for g or a NEWER generation: a worker
+               descheduled between reading gen and claiming may find its slot cancelled for a later
+               job, and claiming the stale g then would ack (and read P) in a job it is not part of —
+               pending went to -1 and the caller waited forever */
             uint64_t old = LOAD(&P.slot[idx]);
-            const uint64_t mine = (uint64_t)g << 1;
-            if (old == (mine | 1u)) continue; /* cancelled: the caller already accounted for us */
-            if (!__atomic_compare_exchange_n(&P.slot[idx], &old, mine, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-                continue; /* the caller cancelled us in the meantime */
+            int claimed = 0;
+            for (;;) {
+                const unsigned sg = (unsigned)(old >> 1);
+                if ((int)(sg - g) >= 0) { /* cancelled for g or later: that caller accounted for us */
+                    seen = sg;
+                    break;
+                }
+                if (__atomic_compare_exchange_n(&P.slot[idx], &old, (uint64_t)g << 1, 0, __ATOMIC_ACQ_REL,
+                                                __ATOMIC_ACQUIRE)) {
+                    claimed = 1;
+                    break;
+                } /* else old is the slot's new value: look again */
+            }
+            if (!claimed) continue;
         }
         if (idx >= P.quit_from) {
             ack();
