@@ -25,22 +25,12 @@
 #include <string.h>
 #include "tzq_internal.h"
 
-static float sum_squares(const float *x, int64_t n)
-{
-    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) /* 8 independent lanes: vectorised without reassociation */
-        for (int l = 0; l < 8; l++) acc[l] += x[j + l] * x[j + l];
-    for (; j < n; j++) acc[0] += x[j] * x[j];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-
 static void rms_norm_rows(const float *x, const float *w, int64_t B, int64_t d, float eps, float *h)
 {
     for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * d;
         float *hb = h + b * d;
-        const float var = sum_squares(xb, d) / (float)d;
+        const float var = tzq_sum_squares8(xb, d) / (float)d;
         const float inv = 1.0f / sqrtf(var + eps);
         for (int64_t j = 0; j < d; j++) hb[j] = (xb[j] * inv) * w[j];
     }

@@ -56,6 +56,16 @@ static inline float max8(const float *x, int64_t n)
 }
 
 /* ---------------------------------------------------------------- RMSNorm */
+float tzq_sum_squares8(const float *x, int64_t n)
+{
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) acc[l] += x[j + l] * x[j + l];
+    for (; j < n; j++) acc[0] += x[j] * x[j];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 typedef struct {
     const float *x, *w;
     float *out;
@@ -69,13 +79,7 @@ static void rms_range(void *ctx, int64_t i0, int64_t i1)
     for (int64_t i = i0; i < i1; i++) {
         const float *x = a->x + i * a->xs;
         float *o = a->out + i * a->os;
-        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, ss, inv;
-        int64_t j = 0;
-        for (; j + 8 <= a->d; j += 8)
-            for (int l = 0; l < 8; l++) acc[l] += x[j + l] * x[j + l];
-        for (; j < a->d; j++) acc[0] += x[j] * x[j];
-        ss = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        inv = (float)(1.0 / sqrt((double)ss / (double)a->d + (double)a->eps));
+        const float inv = (float)(1.0 / sqrt((double)tzq_sum_squares8(x, a->d) / (double)a->d + (double)a->eps));
         for (int64_t j = 0; j < a->d; j++) o[j] = (x[j] * inv) * a->w[j];
     }
 }

@@ -52,6 +52,11 @@ TZQ_HIDDEN void tzq_unpack_block(const uint8_t *row, int64_t cols, int bits, int
 TZQ_HIDDEN void tzq_ref_dequant_row(const uint8_t *row, const float *s, const float *z,
                                     int64_t cols, int bits, int group, float *out);
 
+/* ---- ops.c ---- */
+/* sum of x[j]^2 in 8 independent fp32 lanes combined in a fixed order (vectorises without
+   reassociation); the RMSNorm of ops.c and of the decode step (decode.c) both use it */
+TZQ_HIDDEN float tzq_sum_squares8(const float *x, int64_t n);
+
 /* ---- threads.c ---- */
 typedef void (*tzq_range_fn)(void *ctx, int64_t i0, int64_t i1);
 /* Calls fn(ctx, i0, i1) on disjoint ranges covering [0, n), on the pool (the caller takes part).

@@ -117,16 +117,6 @@ class _Unfit(Exception):
     pass
 
 
-def _kernels():
-    try:
-        from . import kernels
-
-        k = kernels.get()
-    except ImportError:
-        return None
-    return k if hasattr(k.lib, "tzq_decode_layers") else None
-
-
 _LAYER_ATTRS = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
 
 
@@ -140,16 +130,20 @@ class _UnfitPlan:
     valid = _Plan.valid
 
 
-def decode_layers(net, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache, pos0: int):
+def decode_layers(net, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache, pos0: int, k=None):
     """Every decoder layer of `net` for one new position: x [B, 1, d] (the embeddings) -> the residual
     stream after the last layer (a new array, before the final norm), or None when this model/input
-    does not fit the C step (nothing is touched; run the NumPy loop)."""
+    does not fit the C step (nothing is touched; run the NumPy loop). `k`: the kernels module the
+    caller already holds (default: tinyzq.model's choice, None when the kernels are not built)."""
     cfg = net.cfg
     if not (isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[1] == 1 and x.shape[2] == cfg.hidden_size
             and 0 < x.shape[0] <= DECODE_MAX_ROWS):
         return None
-    k = _kernels()
     if k is None:
+        from .model import _kernels
+
+        k = _kernels()
+    if k is None or not hasattr(k.lib, "tzq_decode_layers"):  # not built, or a build older than decode.c
         return None
     plan = net.__dict__.get("_decode_plan")
     if plan is None or plan.k is not k or plan.net is not net or not plan.valid():

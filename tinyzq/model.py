@@ -243,13 +243,13 @@ class Transformer:
         if fast:
             from .decode import decode_layers  # every layer in one C call when the model fits it
 
-            xc = decode_layers(self, x, cos, sin, cache, pos0)
+            xc = decode_layers(self, x, cos, sin, cache, pos0, K)
             if xc is not None:
                 x, layers = xc, ()
         for i, layer in enumerate(layers):
             h = norm(x, layer.attn_norm)
             if fast:
-                x = x + self._attention_decode(i, layer, h, cos, sin, cache, pos0)
+                x = x + self._attention_decode(i, layer, h, cos, sin, cache, pos0, K)
             else:
                 x = x + self._attention(i, layer, h, cos, sin, cache, pos0, K)
             h = norm(x, layer.mlp_norm)
@@ -281,7 +281,7 @@ class Transformer:
         out = _causal_gqa(q, k, v, pos0, K).reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
         return layer.o(out)
 
-    def _attention_decode(self, i, layer, h, cos, sin, cache, pos0):
+    def _attention_decode(self, i, layer, h, cos, sin, cache, pos0, K):
         """_attention for one new position (T = 1) with a KV cache, in one C call (csrc/attn.c):
         same operations in fp32, only dot-product summation orders differ."""
         cfg = self.cfg
@@ -290,8 +290,7 @@ class Transformer:
         h2 = h.reshape(B, -1)
         q, k, v = self._proj(layer.qkv, [layer.q, layer.k, layer.v], h2)
         q, k, v = (np.asarray(a, dtype=np.float32) for a in (q, k, v))
-        out = _kernels().attn_decode(q, k, v, nh, nkv, cos[0], sin[0], cache.k[i], cache.v[i], pos0,
-                                             1.0 / math.sqrt(hd))
+        out = K.attn_decode(q, k, v, nh, nkv, cos[0], sin[0], cache.k[i], cache.v[i], pos0, 1.0 / math.sqrt(hd))
         return layer.o(out).reshape(B, 1, -1)
 
     # --- heads ------------------------------------------------------------------------------------
