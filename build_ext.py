@@ -36,7 +36,7 @@ UNITY_SOURCES = ["cpu.c", "threads.c", "pack.c", "qgemm_ref.c", "qgemm_x86.c", "
                  "decode.c", "ops.c"]
 HEADERS = ["tinyzq.h", "tzq_internal.h"]
 
-_BASE_FLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility=hidden"]
+_BASE_FLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fvisibility=hidden"]
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _VARIANTS = {
     "x86_64": [

@@ -10,12 +10,14 @@
  *   r[i]    = mix(key + (i + 1) * G)                          (all arithmetic mod 2^64)
  *
  * Rademacher: z = -1 if the top bit of r is set, else +1 (exact in every build).
- * Gaussian:   Box-Muller on the two 32-bit halves of r, in double precision, rounded once to float:
- *             u1 = ((r >> 32) + 0.5) / 2^32,  u2 = ((r & 0xffffffff) + 0.5) / 2^32,
- *             z  = (float)(sqrt(-2 log u1) * cos(2 pi u2))    (|z| <= 6.8)
- *             Equal to a NumPy float64 evaluation of the same formula up to libm's last-ulp
- *             differences in log/cos, which survive the rounding to float only rarely (1 float ulp).
- *
+ * Gaussian:   Box-Muller on two 23-bit fields of r, entirely in fp32 with our own log and cos
+ *             (plain +,-,*,/ and sqrt, no libm), so every ISA build and a NumPy float32 evaluation
+ *             of the same steps give the same bits, and the loop vectorises:
+ *             u1 = (2 (r >> 41) + 1) / 2^24,  u2 = (2 ((r >> 18) & (2^23 - 1)) + 1) / 2^24   (exact)
+ *             z  = sqrt(-2 log u1) * cos(2 pi u2)                                         (|z| <= 5.77)
+ *             log u1 = e ln2 + 2 atanh(s), u1 = m 2^e, m in [sqrt(1/2), sqrt(2)), s = (m-1)/(m+1),
+ *             atanh by its series to s^9; cos(2 pi u2) = +-cos(2 pi y), y = distance of u2 to the
+ *             nearest of 0, 1/2, 1 (<= 1/4), cos by its Taylor series to x^12 (error < 1e-8).
  * Because z depends only on (seed, tensor_id, index), elements are independent: the work is split
  * over the thread pool and the results do not depend on the thread count or the order.
  * The arithmetic on parameters is plain fp32, one rounding per operation, no FMA (-ffp-contract=off):
@@ -43,18 +45,44 @@ static inline uint64_t rng_key(uint64_t seed, uint64_t tensor_id)
     return tzq_mix64(tzq_mix64(seed + TZQ_G) + (tensor_id + 1) * TZQ_G);
 }
 
-static inline float rng_z(uint64_t key, int64_t i, int dist)
+static inline float bits_float(uint32_t b) { union { uint32_t u; float f; } v; v.u = b; return v.f; }
+static inline uint32_t float_bits(float f) { union { uint32_t u; float f; } v; v.f = f; return v.u; }
+
+/* log(u) for a normal positive float u < 1 (see the header: exact steps, fp32) */
+static inline float rng_log(float u)
 {
-    uint64_t r = tzq_mix64(key + ((uint64_t)i + 1) * TZQ_G);
-    if (dist == TZQ_RNG_RADEMACHER)
-        return (r >> 63) ? -1.0f : 1.0f;
-    {
-        const double two32 = 4294967296.0;
-        double u1 = ((double)(r >> 32) + 0.5) / two32;
-        double u2 = ((double)(r & 0xffffffffULL) + 0.5) / two32;
-        double rad = sqrt(-2.0 * log(u1));
-        return (float)(rad * cos(6.283185307179586 * u2));
-    }
+    const uint32_t b = float_bits(u);
+    const int big = (b & 0x7fffffu) >= 0x3504f3u;          /* 1.mantissa >= sqrt(2) */
+    const float m = bits_float((b & 0x7fffffu) | (big ? 0x3f000000u : 0x3f800000u)); /* [0.707, 1.414) */
+    const float e = (float)((int32_t)(b >> 23) - (big ? 126 : 127));
+    const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+    const float p = 1.0f + s2 * (0.33333334f + s2 * (0.2f + s2 * (0.14285715f + s2 * 0.11111111f)));
+    return e * 0.6931472f + (2.0f * s) * p;
+}
+
+/* cos(2 pi u) for u in (0, 1) */
+static inline float rng_cos2pi(float u)
+{
+    const float w = fabsf(u - 0.5f);                        /* cos(2 pi u) = -cos(2 pi w), w in [0, 1/2) */
+    const int far = w > 0.25f;
+    const float y = far ? 0.5f - w : w;                     /* cos(2 pi w) = -cos(2 pi y) when far */
+    const float x = 6.2831855f * y, x2 = x * x;
+    const float c = 1.0f + x2 * (-0.5f + x2 * (0.041666668f + x2 * (-0.0013888889f + x2 * (2.4801588e-05f
+                    + x2 * (-2.7557319e-07f + x2 * 2.0876757e-09f)))));
+    return far ? c : -c;
+}
+
+static inline float rng_rademacher(uint64_t key, int64_t i)
+{
+    return (tzq_mix64(key + ((uint64_t)i + 1) * TZQ_G) >> 63) ? -1.0f : 1.0f;
+}
+
+static inline float rng_gaussian(uint64_t key, int64_t i)
+{
+    const uint64_t r = tzq_mix64(key + ((uint64_t)i + 1) * TZQ_G);
+    const float u1 = (float)(2u * (uint32_t)(r >> 41) + 1u) * 5.9604645e-08f;           /* 2^-24 */
+    const float u2 = (float)(2u * ((uint32_t)(r >> 18) & 0x7fffffu) + 1u) * 5.9604645e-08f;
+    return sqrtf(-2.0f * rng_log(u1)) * rng_cos2pi(u2);
 }
 
 typedef struct {
@@ -65,30 +93,38 @@ typedef struct {
     float a;
 } rng_job;
 
+/* one loop per (distribution, operation) with everything in locals, so that each vectorises */
 static void fill_range(void *ctx, int64_t i0, int64_t i1)
 {
     const rng_job *j = (const rng_job *)ctx;
+    float *dst = j->dst;
+    const uint64_t key = j->key;
     int64_t i;
-    for (i = i0; i < i1; i++)
-        j->dst[i] = rng_z(j->key, i, j->dist);
+    if (j->dist == TZQ_RNG_RADEMACHER)
+        for (i = i0; i < i1; i++) dst[i] = rng_rademacher(key, i);
+    else
+        for (i = i0; i < i1; i++) dst[i] = rng_gaussian(key, i);
 }
+
+#define AXPY_LOOPS(ZFN)                                                                  \
+    if (mult)                                                                            \
+        for (i = i0; i < i1; i++) { const float s = src[i]; dst[i] = s + (a * ZFN(key, i)) * s; } \
+    else                                                                                 \
+        for (i = i0; i < i1; i++) dst[i] = src[i] + a * ZFN(key, i);
 
 static void axpy_range(void *ctx, int64_t i0, int64_t i1)
 {
     const rng_job *j = (const rng_job *)ctx;
+    const float *src = j->src;
+    float *dst = j->dst;
+    const uint64_t key = j->key;
     const float a = j->a;
+    const int mult = j->mult;
     int64_t i;
-    if (j->mult) {
-        for (i = i0; i < i1; i++) {
-            float s = j->src[i];
-            float t = a * rng_z(j->key, i, j->dist);
-            j->dst[i] = s + t * s;
-        }
+    if (j->dist == TZQ_RNG_RADEMACHER) {
+        AXPY_LOOPS(rng_rademacher)
     } else {
-        for (i = i0; i < i1; i++) {
-            float t = a * rng_z(j->key, i, j->dist);
-            j->dst[i] = j->src[i] + t;
-        }
+        AXPY_LOOPS(rng_gaussian)
     }
 }
 

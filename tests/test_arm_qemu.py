@@ -154,6 +154,7 @@ def test_harness_passes_under_qemu(runs, variant, cpu):
     assert r.returncode == 0, f"{variant} on {cpu}: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
     assert last.startswith("PASS") and s["failures"] == "0" and s["isa"] == variant, last
     assert int(s["products"]) > 800 and int(s["checks"]) > 5000, last
+    assert s["rng_records"] == "3", last  # random directions: the same bits as x86 and NumPy
     if variant == "ref":  # the C reference is the NumPy reference, bit for bit
         assert s["exact_products"] == s["products"], last
     else:  # SIMD only reorders fp32 additions
@@ -188,7 +189,8 @@ def test_dotprod_build_refused_on_cortex_a72(work, binaries):
 
 @pytest.mark.parametrize("variant", ["ref", "neon"])
 @pytest.mark.parametrize("what, expect", [("W", "FAIL dequantize"), ("codes", "FAIL unpack"),
-                                          ("xi2", "FAIL quantize_activations xi"), ("y3", "FAIL qmatmul")])
+                                          ("xi2", "FAIL quantize_activations xi"), ("y3", "FAIL qmatmul"),
+                                          ("z", "FAIL rng_fill bits"), ("mult", "FAIL rng_axpy bits")])
 def test_corrupted_golden_fails(work, binaries, tmp_path, variant, what, expect):
     """Flip one byte of one golden array: the harness must notice."""
     if ("quick", variant) not in work:  # the intact file passes
@@ -196,9 +198,10 @@ def test_corrupted_golden_fails(work, binaries, tmp_path, variant, what, expect)
     ok = work["quick", variant]
     assert ok.returncode == 0 and _summary(ok.stdout)[0].startswith("PASS"), ok.stdout[-2000:]
     data = bytearray(open(work["quick"], "rb").read())
-    rec = work["offsets"][1]
-    off = rec[what] + (3 if what in ("W", "y3") else 0)  # fp32: the byte with sign and exponent
-    data[off] ^= 0x40 if what in ("W", "y3") else 0x01
+    rec = work["offsets"][1] if what not in ("z", "mult") else next(r for r in work["offsets"] if "z" in r)
+    fp32 = what in ("W", "y3", "z", "mult")
+    off = rec[what] + (3 if fp32 else 0)  # fp32: the byte with sign and exponent
+    data[off] ^= 0x40 if fp32 else 0x01
     bad = tmp_path / "bad.bin"
     bad.write_bytes(bytes(data))
     r = _qemu(binaries[variant][0], "max", str(bad), cwd=work["dir"])

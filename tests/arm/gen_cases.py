@@ -17,6 +17,11 @@ never from the C code under test. The file is a sequence of little-endian record
                  d       float32 [n, cols/32]
                  y       float32 [n, rows]           qmatmul_ref(...)  (the C reference: exact)
                  tol     float32 [n, rows]           allowed |y - y_ref| of the SIMD variants
+  rng record:    int64[5] {MAGIC_R, seed, tensor_id, n, dist}   (seed, tensor_id: uint64 bits)
+                 z       float32 [n]   the random direction (tests/test_zo.py's NumPy reference of csrc/rng.c)
+                 src     float32 [n]
+                 add     float32 [n]   src + a z          (a = RNG_A, fp32)
+                 mult    float32 [n]   src + (a z) src    (all bit for bit: rng.c uses no libm)
   end: int64 MAGIC_END
 
 `a, b` is a row range for dequantize(row_start=a, row_stop=b). The SIMD tolerance is the one of
@@ -39,8 +44,13 @@ if ROOT not in sys.path:
 
 from tinyzq.quant import packing as P  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(HERE))  # tests/: the NumPy reference of csrc/rng.c
+from rng_reference import ref_z  # noqa: E402
+
 MAGIC_W = 0x575A5A54  # "TZZW"
 MAGIC_END = 0x444E4554  # "TEND"
+MAGIC_R = 0x52475A54  # "TZGR"
+RNG_A = np.float32(-3.7e-3)  # harness.c uses the same literal
 BITS = (2, 3, 4, 8)
 # (cols, group, rows): 4-bit steps of 64, 2/3-bit steps of 128 inputs, the NEON step of 128 (so
 # 576 = 4.5 steps has a padded tail), groups that straddle steps (32, 64, 96, 192), groups that
@@ -81,7 +91,7 @@ class Writer:
 
     def __init__(self, f):
         self.f = f
-        self.offsets = []  # one dict per weight record: name -> byte offset
+        self.offsets = []  # one dict per record: name -> byte offset
 
     def _mark(self, rec, name):
         rec[name] = self.f.tell()
@@ -113,6 +123,16 @@ class Writer:
             self._mark(rec, f"d{i}"); _arr(f, d, "<f4")
             self._mark(rec, f"y{i}"); _arr(f, y, "<f4")
             _arr(f, np.asarray(tol, np.float64).astype(np.float32), "<f4")
+        self.offsets.append(rec)
+
+    def rng(self, seed, tid, n, dist, rng):
+        z = ref_z(seed, tid, n, "gaussian" if dist == 0 else "rademacher")
+        src = rng.standard_normal(n).astype(np.float32)
+        _i64(self.f, MAGIC_R, *np.array([seed, tid], np.uint64).view(np.int64), n, dist)
+        rec = {}
+        for name, a in (("z", z), ("src", src), ("add", src + RNG_A * z), ("mult", src + (RNG_A * z) * src)):
+            self._mark(rec, name)
+            _arr(self.f, a, "<f4")
         self.offsets.append(rec)
 
     def end(self):
@@ -159,6 +179,9 @@ def write_cases(path, seed=0, quick=False):
         x = np.full((2, cols), -127.0, np.float32)  # d_b = 1: every float step is exact
         x[1, 1::2] = 127.0
         w.weight(q, s, z, 8, group, [x], tols=[np.zeros((2, rows))], rng=rng)
+        # random directions: several thread chunks (grain 16384) and an odd tail, both distributions
+        for seed, tid, dist in [(0, 0, 0), (2**64 - 1, 2**40, 0), (7, 3, 1)]:
+            w.rng(seed, tid, 40_003, dist, rng)
         w.end()
     return w.offsets
 

@@ -11,7 +11,8 @@
  *     bit for bit against the golden values;
  *   qmatmul: bit for bit for the reference variant, within the per-output tolerance of the
  *     file for SIMD variants; and bit for bit identical between 1 and 3 threads;
- *   a few invalid arguments: TZQ_EINVAL.
+ *   a few invalid arguments: TZQ_EINVAL;
+ *   rng_fill and rng_axpy (add and relative, out of place and in place): bit for bit.
  * The last line is "PASS ..." or "FAIL ..." with counts and y_hash, a hash of every product
  * result (the NEON and dotprod variants compute the same exact integer sums with the same float
  * operations, so their hashes must be equal).
@@ -29,6 +30,8 @@
 
 #define MAGIC_W 0x575A5A54
 #define MAGIC_END 0x444E4554
+#define MAGIC_R 0x52475A54
+#define RNG_A (-3.7e-3f)
 #define MAX_REPORTS 25
 
 static const uint8_t *g_buf;
@@ -241,6 +244,40 @@ static void run_record(int threads, int simd, size_t start)
     free(q); free(codes); free(s); free(z); free(W); free(ids); free(buf8); free(out);
 }
 
+/* one rng record (see gen_cases.py): z, then src + a z and src + (a z) src, out of place and in place */
+static void run_rng_record(int threads, size_t start)
+{
+    int64_t hdr[4], n;
+    uint64_t seed, tid;
+    int dist, bits = 0, group = 0;
+    const int64_t rows = 0, cols = 0;
+    float *want[4], *got;
+
+    g_pos = start;
+    for (int i = 0; i < 4; i++) hdr[i] = take_i64();
+    memcpy(&seed, &hdr[0], 8);
+    memcpy(&tid, &hdr[1], 8);
+    n = hdr[2];
+    dist = (int)hdr[3];
+    bits = dist; /* reported as "bits" in failure lines: 0 Gaussian, 1 Rademacher */
+    for (int i = 0; i < 4; i++) want[i] = (float *)take_arr((size_t)n * 4);
+    got = (float *)malloc((size_t)n * 4);
+    CHECK(got && tzq_rng_fill(got, n, seed, tid, dist) == TZQ_OK, "rng_fill runs", "");
+    CHECK(memcmp(got, want[0], (size_t)n * 4) == 0, "rng_fill bits",
+          diff_detail(got, want[0], (size_t)n * 4, 4));
+    for (int mult = 0; mult < 2; mult++) {
+        CHECK(tzq_rng_axpy(want[1], got, n, seed, tid, dist, RNG_A, mult) == TZQ_OK, "rng_axpy runs", "");
+        CHECK(memcmp(got, want[2 + mult], (size_t)n * 4) == 0, "rng_axpy bits",
+              diff_detail(got, want[2 + mult], (size_t)n * 4, 4));
+        memcpy(got, want[1], (size_t)n * 4);
+        tzq_rng_axpy(got, got, n, seed, tid, dist, RNG_A, mult);
+        CHECK(memcmp(got, want[2 + mult], (size_t)n * 4) == 0, "rng_axpy in place bits",
+              diff_detail(got, want[2 + mult], (size_t)n * 4, 4));
+    }
+    for (int i = 0; i < 4; i++) free(want[i]);
+    free(got);
+}
+
 int main(int argc, char **argv)
 {
     FILE *f;
@@ -251,7 +288,7 @@ int main(int argc, char **argv)
     int force = 0;
     char fs[128], rs[128];
     double t0;
-    size_t nrec = 0, starts[4096];
+    size_t nrec = 0, starts[4096], nrng = 0, rstarts[64];
 
     for (int i = 2; i < argc; i++)
         if (strcmp(argv[i], "--force") == 0) force = 1;
@@ -285,6 +322,19 @@ int main(int argc, char **argv)
     for (;;) {
         const int64_t magic = take_i64();
         if (magic == MAGIC_END) break;
+        if (magic == MAGIC_R && nrng < sizeof(rstarts) / sizeof(rstarts[0])) {
+            rstarts[nrng++] = g_pos;
+            g_pos += 16;
+            {
+                const int64_t n = take_i64();
+                if (n < 0 || take_i64() < 0) {
+                    fprintf(stderr, "harness: bad rng record at byte %zu\n", rstarts[nrng - 1]);
+                    return 2;
+                }
+                g_pos += (size_t)(16 * n);
+            }
+            continue;
+        }
         if (magic != MAGIC_W || nrec == sizeof(starts) / sizeof(starts[0])) {
             fprintf(stderr, "harness: bad record at byte %zu\n", g_pos - 8);
             return 2;
@@ -312,10 +362,11 @@ int main(int argc, char **argv)
     for (int threads = 1; threads <= 3; threads += 2) {
         tzq_set_threads(threads);
         for (size_t r = 0; r < nrec; r++) run_record(threads, simd, starts[r]);
+        for (size_t r = 0; r < nrng; r++) run_rng_record(threads, rstarts[r]);
     }
-    printf("%s isa=%s records=%zu checks=%ld failures=%ld products=%ld exact_products=%ld "
+    printf("%s isa=%s records=%zu rng_records=%zu checks=%ld failures=%ld products=%ld exact_products=%ld "
            "max_err_over_tol=%.3g y_hash=%016llx seconds=%.2f\n",
-           g_failures ? "FAIL" : "PASS", tzq_isa_name(), nrec, g_checks, g_failures, g_products,
+           g_failures ? "FAIL" : "PASS", tzq_isa_name(), nrec, nrng, g_checks, g_failures, g_products,
            g_exact_products, g_max_excess, (unsigned long long)g_hash, now_s() - t0);
     free(buf);
     return g_failures ? 1 : 0;
