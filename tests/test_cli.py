@@ -176,3 +176,28 @@ def test_convert_scripts_wrap_the_api(tiny_hf_dir, tmp_path, text_file):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00")
     assert_one_line_error(script("gguf_to_tzq.py", bad, tmp_path / "z"))
+
+
+def test_gptq_damp_and_act_order_flags(tiny_hf_dir, text_file, tmp_path):
+    """--damp/--act-order reach GPTQ: the CLI model equals the API's with the same options, and differs
+    from the default damping."""
+    import tinyzq
+    from safetensors.numpy import load_file
+
+    common = ("--bits", 3, "--group", 32, "--method", "gptq", "--calib", text_file, "--calib-tokens", 256)
+    run("quantize", tiny_hf_dir, tmp_path / "cli", *common, "--damp", 0.5, "--act-order")
+    run("quantize", tiny_hf_dir, tmp_path / "dflt", *common)
+    tinyzq.quantize(str(tiny_hf_dir), str(tmp_path / "api"), 3, 32, "gptq", calib_text=text_file.read_text(),
+                    calib_tokens=256, options={"gptq_options": {"damp": 0.5, "act_order": True}})
+    cli, api, dflt = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api", "dflt"))
+    assert cli.keys() == api.keys()
+    assert all(np.array_equal(cli[k], api[k]) for k in cli)
+    assert any(not np.array_equal(cli[k], dflt[k]) for k in cli if k.endswith(".codes"))
+
+
+@pytest.mark.parametrize("args, words", [(("--method", "search", "--damp", 0.1), "gptq"),
+                                         (("--method", "gptq", "--damp", -1), "damp"),
+                                         (("--method", "rtn", "--act-order"), "gptq")])
+def test_bad_gptq_flags(tiny_hf_dir, tmp_path, args, words):
+    assert_one_line_error(run("quantize", tiny_hf_dir, tmp_path / "o", "--bits", 3, "--group", 32, *args, ok=False),
+                          words)

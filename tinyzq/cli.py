@@ -89,8 +89,18 @@ def cmd_quantize(args):
         from .errors import TinyzqError
 
         raise TinyzqError("give --calib-tokens or --calib-windows, not both")
+    options = None
+    if args.damp is not None or args.act_order:
+        if "gptq" not in args.method.split("+"):
+            from .errors import TinyzqError
+
+            raise TinyzqError(f"--damp and --act-order apply to the gptq methods, not --method {args.method}")
+        gopts = {"act_order": bool(args.act_order)}
+        if args.damp is not None:
+            gopts["damp"] = args.damp
+        options = {"gptq_options": gopts}
     m = quantize(args.src, args.out, args.bits, args.group, args.method, calib_text=calib_text,
-                 calib_windows=args.calib_windows, calib_tokens=args.calib_tokens)
+                 calib_windows=args.calib_windows, calib_tokens=args.calib_tokens, options=options)
     d = m.describe()
     print(f"wrote {args.out}: W{args.bits}g{args.group} {m.meta.get('method')}, {d['packed_tensors']} packed tensors, "
           f"{d['weight_mb']:.1f} MiB of weights, embeddings/lm_head 8-bit g32 "
@@ -213,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens of calibration text, in windows of 512 (default 4096)")
     s.add_argument("--calib-windows", type=_positive(int), default=None,
                    help="windows of 512 tokens of calibration text (default 8)")
+    s.add_argument("--damp", type=_positive(float), default=None, metavar="F",
+                   help="gptq: damping added to the diagonal of XᵀX, as a fraction of its mean (default 0.01); "
+                        "larger values trust the calibration text less")
+    s.add_argument("--act-order", action="store_true",
+                   help="gptq: quantize columns by decreasing XᵀX diagonal (group params fixed up front)")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("eval", help="perplexity on a text (documented protocol) and/or accuracy on multiple-choice tasks")
