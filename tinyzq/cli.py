@@ -224,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-windows", type=_positive(int), default=None,
                    help="windows of 512 tokens of calibration text (default 8)")
     s.add_argument("--damp", type=_positive(float), default=None, metavar="F",
-                   help="gptq: damping added to the diagonal of XᵀX, as a fraction of its mean (default 0.01); "
-                        "larger values trust the calibration text less")
+                   help="gptq: damping added to the diagonal of XᵀX, as a fraction of its mean (default 0.3; the "
+                        "paper's 0.01 fits the calibration text too closely); larger values trust it less")
     s.add_argument("--act-order", action="store_true",
                    help="gptq: quantize columns by decreasing XᵀX diagonal (group params fixed up front)")
     s.set_defaults(func=cmd_quantize)
