@@ -45,6 +45,12 @@ static inline uint64_t rng_key(uint64_t seed, uint64_t tensor_id)
     return tzq_mix64(tzq_mix64(seed + TZQ_G) + (tensor_id + 1) * TZQ_G);
 }
 
+/* r[i] of the stream with key `key` (see the header) */
+static inline uint64_t rng_draw(uint64_t key, int64_t i)
+{
+    return tzq_mix64(key + ((uint64_t)i + 1) * TZQ_G);
+}
+
 static inline float bits_float(uint32_t b) { union { uint32_t u; float f; } v; v.u = b; return v.f; }
 static inline uint32_t float_bits(float f) { union { uint32_t u; float f; } v; v.f = f; return v.u; }
 
@@ -74,12 +80,12 @@ static inline float rng_cos2pi(float u)
 
 static inline float rng_rademacher(uint64_t key, int64_t i)
 {
-    return (tzq_mix64(key + ((uint64_t)i + 1) * TZQ_G) >> 63) ? -1.0f : 1.0f;
+    return (rng_draw(key, i) >> 63) ? -1.0f : 1.0f;
 }
 
 static inline float rng_gaussian(uint64_t key, int64_t i)
 {
-    const uint64_t r = tzq_mix64(key + ((uint64_t)i + 1) * TZQ_G);
+    const uint64_t r = rng_draw(key, i);
     const float u1 = (float)(2u * (uint32_t)(r >> 41) + 1u) * 5.9604645e-08f;           /* 2^-24 */
     const float u2 = (float)(2u * ((uint32_t)(r >> 18) & 0x7fffffu) + 1u) * 5.9604645e-08f;
     return sqrtf(-2.0f * rng_log(u1)) * rng_cos2pi(u2);
@@ -132,7 +138,7 @@ static void axpy_range(void *ctx, int64_t i0, int64_t i1)
 
 uint64_t tzq_rng_bits(uint64_t seed, uint64_t tensor_id, int64_t index)
 {
-    return tzq_mix64(rng_key(seed, tensor_id) + ((uint64_t)index + 1) * TZQ_G);
+    return rng_draw(rng_key(seed, tensor_id), index);
 }
 
 int tzq_rng_fill(float *out, int64_t n, uint64_t seed, uint64_t tensor_id, int dist)

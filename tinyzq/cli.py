@@ -79,6 +79,7 @@ def cmd_convert(args):
 
 def cmd_quantize(args):
     from .api import quantize
+    from .errors import TinyzqError
 
     calib_text = None
     if args.calib is not None:
@@ -86,14 +87,12 @@ def cmd_quantize(args):
 
         calib_text = read_text(args.calib)
     if args.calib_tokens is not None and args.calib_windows is not None:
-        from .errors import TinyzqError
-
         raise TinyzqError("give --calib-tokens or --calib-windows, not both")
     options = None
     if args.damp is not None or args.act_order:
-        if "gptq" not in args.method.split("+"):
-            from .errors import TinyzqError
+        from .quant.blockwise import parse_method
 
+        if not parse_method(args.method).base.startswith("gptq"):
             raise TinyzqError(f"--damp and --act-order apply to the gptq methods, not --method {args.method}")
         gopts = {"act_order": bool(args.act_order)}
         if args.damp is not None:

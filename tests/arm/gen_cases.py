@@ -18,7 +18,7 @@ never from the C code under test. The file is a sequence of little-endian record
                  y       float32 [n, rows]           qmatmul_ref(...)  (the C reference: exact)
                  tol     float32 [n, rows]           allowed |y - y_ref| of the SIMD variants
   rng record:    int64[5] {MAGIC_R, seed, tensor_id, n, dist}   (seed, tensor_id: uint64 bits)
-                 z       float32 [n]   the random direction (tests/test_zo.py's NumPy reference of csrc/rng.c)
+                 z       float32 [n]   the random direction (tests/rng_reference.py, the NumPy reference of csrc/rng.c)
                  src     float32 [n]
                  add     float32 [n]   src + a z          (a = RNG_A, fp32)
                  mult    float32 [n]   src + (a z) src    (all bit for bit: rng.c uses no libm)
