@@ -119,6 +119,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tiny_w3, tmp_path):
     (["--steps", "2", "--eps", "0"], "--eps"),
     (["--steps", "2", "--eps", "-1"], "--eps"),
     (["--steps", "2", "--train", "weights"], "--train"),
+    (["--steps", "2", "--directions", "lowrank"], "--directions"),
     (["--steps", "-1"], "--steps"),
     (["--steps", "2", "--text", "/no/such.txt"], "no/such.txt"),
     (["--steps", "2", "--teacher", "/no/such.gguf"], "no/such.gguf"),

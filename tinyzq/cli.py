@@ -155,7 +155,7 @@ def cmd_train(args):
     from . import api
 
     opts = {k: getattr(args, k) for k in ("lr", "eps", "n_dirs", "dist", "schedule", "warmup", "clip", "layers_per_step",
-                                          "batch", "ctx", "seed", "eval_every", "val_windows", "save_every", "text",
+                                          "directions", "batch", "ctx", "seed", "eval_every", "val_windows", "save_every", "text",
                                           "teacher", "kd_topk", "kd_alpha")}
     opts["normalize"] = not args.raw_gradient
     if args.resume:  # the run's own settings are kept; only the budget may change
@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the raw projected gradient instead of normalising by its running RMS")
     s.add_argument("--layers-per-step", type=_nonneg(int), default=0,
                    help="perturb a random subset of this many decoder layers per step (0 = all)")
+    s.add_argument("--directions", choices=["dense", "rowcol"], default="dense",
+                   help="random directions: dense (every value its own draw) or rowcol (a 2-D tensor's z is a "
+                        "per-row plus a per-column draw: far fewer dimensions per direction)")
     s.add_argument("--text", metavar="FILE", help=".txt, .jsonl with 'text', or chat .jsonl with 'messages' "
                    "(default: the default corpus); split 90/10 into training/validation")
     s.add_argument("--ctx", type=_positive(int), default=512)

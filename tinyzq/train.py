@@ -67,6 +67,7 @@ class TrainConfig:
     clip: float | None = 3.0       # in RMS units when normalize, else absolute (ZeroQAT: 0.2/eps)
     normalize: bool = True
     layers_per_step: int = 0       # 0 = perturb every layer; k = a random subset of k layers per step
+    directions: str = "dense"      # dense | rowcol (z of a 2-D tensor = row draw + column draw)
     batch: int = 2
     ctx: int = 512
     seed: int = 0
@@ -80,7 +81,7 @@ class TrainConfig:
 
     def check(self) -> None:
         from .zo.optim import SCHEDULES
-        from .zo.params import MODES
+        from .zo.params import DIRECTIONS, MODES
 
         if self.train not in MODES:
             raise TinyzqError(f"--train {self.train!r} is unknown; choose one of: {', '.join(MODES)}")
@@ -94,6 +95,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise TinyzqError(f"--{name} must be a positive number, not {v!r}")
+        if self.directions not in DIRECTIONS:
+            raise TinyzqError(f"--directions {self.directions!r} is unknown; choose one of: {', '.join(DIRECTIONS)}")
         if self.dist not in ("gaussian", "rademacher"):
             raise TinyzqError(f"--dist {self.dist!r} is unknown; choose gaussian or rademacher")
         if self.schedule not in SCHEDULES:
@@ -374,7 +377,7 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                                      for t in range(1, cfg.steps + 1)] or [np.zeros(0, np.int64)])
         teacher = TeacherCache(os.path.join(out, "teacher"), cfg.teacher, train_win, cfg.kd_topk, needed, progress)
 
-    params = zparams.build(model, cfg.train)
+    params = zparams.build(model, cfg.train, cfg.directions)
     opt = optim.ZOSGD(cfg.learning_rate, cfg.schedule, cfg.warmup, cfg.steps, cfg.normalize, cfg.clip)
     step, seconds, tokens = 0, 0.0, 0
     log_path = os.path.join(out, "log.jsonl")
@@ -401,7 +404,7 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
 
     _say(f"model {model.path or '(in memory)'}: {model.meta.get('bits')}-bit g{model.meta.get('group')}; "
          f"training {cfg.train!r}: {params.size:,} fp32 values in {len(params.entries)} tensors "
-         f"({params.flat.nbytes / 2**20:.1f} MiB); lr {cfg.learning_rate:g}, eps {cfg.eps:g}, {cfg.n_dirs} "
+         f"({params.flat.nbytes / 2**20:.1f} MiB), {cfg.directions} directions; lr {cfg.learning_rate:g}, eps {cfg.eps:g}, {cfg.n_dirs} "
          f"direction(s)/step, batch {cfg.batch}x{ctx}; text {label}: {len(train_win)} training windows, "
          f"{len(val_win)} validation windows; isa {kernels.isa()}, {kernels.get_threads()} threads", progress)
     val_hist = [r for r in _read_log(log_path) if "val_ppl" in r]

@@ -32,6 +32,8 @@ may perturb a random subset of layers.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import kernels
@@ -42,12 +44,42 @@ from ..quant.packed import PackedLinear
 MODES = ("scales", "qv", "latent")
 
 
-class Entry:
-    __slots__ = ("name", "tid", "base", "live", "mult", "shape")
+DIRECTIONS = ("dense", "rowcol")
+# Tensor-id spaces of the row and column draws of `rowcol` directions (never a tensor id or a direction seed).
+_ROW_STREAM, _COL_STREAM = 0x50C0_0000_0000_0000, 0xC01C_0000_0000_0000
+_SQRT_HALF = np.float32(math.sqrt(0.5))
 
-    def __init__(self, name, tid, base, live, mult):
+
+class Entry:
+    __slots__ = ("name", "tid", "base", "live", "mult", "shape", "rowcol")
+
+    def __init__(self, name, tid, base, live, mult, rowcol=False):
         self.name, self.tid, self.base, self.live, self.mult = name, tid, base, live, mult
         self.shape = base.shape
+        self.rowcol = bool(rowcol) and base.ndim == 2
+
+
+def rowcol_z(e: Entry, seed: int, dist: str) -> np.ndarray:
+    """The structured direction of a [rows, groups] tensor: z[r, c] = (a[r] + b[c]) / √2 with a, b drawn
+    from the C generator (streams keyed on the tensor id), so every entry has unit variance but a direction
+    has only rows + groups degrees of freedom: a per-output-channel plus a per-input-group change."""
+    a = kernels.rng_fill(e.shape[0], seed, _ROW_STREAM + e.tid, dist)
+    b = kernels.rng_fill(e.shape[1], seed, _COL_STREAM + e.tid, dist)
+    z = a[:, None] + b[None, :]
+    z *= _SQRT_HALF
+    return z
+
+
+def _axpy(e: Entry, src: np.ndarray, dst: np.ndarray, seed: int, a: float, dist: str) -> None:
+    """dst = src + a·z (mult: src + (a·z)·src) with the entry's kind of direction."""
+    if not e.rowcol:
+        kernels.rng_axpy(src, dst, seed, e.tid, a, dist, e.mult)
+        return
+    az = rowcol_z(e, seed, dist)
+    az *= np.float32(a)
+    if e.mult:
+        az *= src
+    np.add(src, az, out=dst)
 
 
 class Unit:
@@ -59,9 +91,12 @@ class Unit:
 
 
 class ParamSet:
-    def __init__(self, specs: list, mode: str = "custom"):
-        """specs: list of (layer, [(name, live_array_or_None, init_values, mult)], requant_fn_or_None)."""
-        self.mode = mode
+    def __init__(self, specs: list, mode: str = "custom", directions: str = "dense"):
+        """specs: list of (layer, [(name, live_array_or_None, init_values, mult)], requant_fn_or_None).
+        directions: `dense` (z i.i.d. per value) or `rowcol` (2-D tensors draw z[r, c] = (a[r] + b[c])/√2)."""
+        if directions not in DIRECTIONS:
+            raise TinyzqError(f"--directions {directions!r} is unknown; choose one of: {', '.join(DIRECTIONS)}")
+        self.mode, self.directions = mode, directions
         total = sum(int(np.asarray(v).size) for _, ents, _ in specs for _, _, v, _ in ents)
         self.flat = np.empty(total, np.float32)
         self.units, self.entries = [], []
@@ -79,7 +114,7 @@ class ParamSet:
                     raise ValueError(f"{name}: live tensor must be C-contiguous float32 {init.shape}")
                 if live is None:
                     scratch = max(scratch, init.size)
-                e = Entry(name, len(self.entries), base, live, bool(mult))
+                e = Entry(name, len(self.entries), base, live, bool(mult), directions == "rowcol")
                 es.append(e)
                 self.entries.append(e)
             self.units.append(Unit(int(layer), es, requant))
@@ -107,7 +142,7 @@ class ParamSet:
             if a == 0.0:
                 np.copyto(dst, e.base)
             else:
-                kernels.rng_axpy(e.base, dst, seed, e.tid, a, dist, e.mult)
+                _axpy(e, e.base, dst, seed, a, dist)
         if unit.requant is not None:
             unit.requant(w)
 
@@ -125,7 +160,7 @@ class ParamSet:
         """base += coef·z (relative for mult tensors), then live = base."""
         for u in self._units(layers):
             for e in u.entries:
-                kernels.rng_axpy(e.base, e.base, seed, e.tid, float(coef), dist, e.mult)
+                _axpy(e, e.base, e.base, seed, float(coef), dist)
             self._write(u, 0, 0.0, "gaussian")
 
     def state(self) -> np.ndarray:
@@ -140,7 +175,7 @@ class ParamSet:
         self.restore()
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "values": self.size, "tensors": len(self.entries),
+        return {"mode": self.mode, "directions": self.directions, "values": self.size, "tensors": len(self.entries),
                 "base_mib": self.flat.nbytes / 2**20}
 
 
@@ -181,7 +216,7 @@ def _requantizer(lin: PackedLinear):
     return requant
 
 
-def build(model, mode: str = "scales") -> ParamSet:
+def build(model, mode: str = "scales", directions: str = "dense") -> ParamSet:
     """The trainable set of `model` (an api.Model whose decoder linears are packed) for `mode`.
 
     `qv` replaces the Q and V PackedLinears of model.weights by FloatLinears and rebuilds model.net.
@@ -220,10 +255,10 @@ def build(model, mode: str = "scales") -> ParamSet:
                                   (name + ".scales", w.scales, w.scales, True),
                                   (name + ".zeros", w.zeros, w.zeros, False)], _requantizer(w)))
         specs += _norm_specs(weights, cfg)
-    return ParamSet(specs, mode)
+    return ParamSet(specs, mode, directions)
 
 
-def from_arrays(arrays: dict, mult: dict | None = None) -> ParamSet:
+def from_arrays(arrays: dict, mult: dict | None = None, directions: str = "dense") -> ParamSet:
     """A ParamSet over plain fp32 arrays (tests, custom objectives): each array is its own unit."""
     mult = mult or {}
-    return ParamSet([(-1, [(k, v, v, mult.get(k, False))], None) for k, v in arrays.items()], "custom")
+    return ParamSet([(-1, [(k, v, v, mult.get(k, False))], None) for k, v in arrays.items()], "custom", directions)
