@@ -195,9 +195,27 @@ def test_gptq_damp_and_act_order_flags(tiny_hf_dir, text_file, tmp_path):
     assert any(not np.array_equal(cli[k], dflt[k]) for k in cli if k.endswith(".codes"))
 
 
+def test_blockzo_steps_flag(tiny_hf_dir, text_file, tmp_path):
+    """--blockzo-steps reaches blockzo: the CLI model equals the API's with the same steps and differs from
+    the default number of steps."""
+    import tinyzq
+    from safetensors.numpy import load_file
+
+    common = ("--bits", 3, "--group", 32, "--method", "search+blockzo", "--calib", text_file, "--calib-tokens", 256)
+    run("quantize", tiny_hf_dir, tmp_path / "cli", *common, "--blockzo-steps", 16)
+    run("quantize", tiny_hf_dir, tmp_path / "dflt", *common)
+    tinyzq.quantize(str(tiny_hf_dir), str(tmp_path / "api"), 3, 32, "search+blockzo", calib_text=text_file.read_text(),
+                    calib_tokens=256, options={"blockzo_options": {"steps": 16}})
+    cli, api, dflt = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api", "dflt"))
+    assert all(np.array_equal(cli[k], api[k]) for k in cli)
+    assert any(not np.array_equal(cli[k], dflt[k]) for k in cli if k.endswith(".scales"))
+
+
 @pytest.mark.parametrize("args, words", [(("--method", "search", "--damp", 0.1), "gptq"),
                                          (("--method", "gptq", "--damp", -1), "damp"),
-                                         (("--method", "rtn", "--act-order"), "gptq")])
+                                         (("--method", "rtn", "--act-order"), "gptq"),
+                                         (("--method", "gptq+search", "--blockzo-steps", 8), "blockzo"),
+                                         (("--method", "blockzo", "--blockzo-steps", 0), "blockzo-steps")])
 def test_bad_gptq_flags(tiny_hf_dir, tmp_path, args, words):
     assert_one_line_error(run("quantize", tiny_hf_dir, tmp_path / "o", "--bits", 3, "--group", 32, *args, ok=False),
                           words)

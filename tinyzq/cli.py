@@ -98,6 +98,12 @@ def cmd_quantize(args):
         if args.damp is not None:
             gopts["damp"] = args.damp
         options = {"gptq_options": gopts}
+    if args.blockzo_steps is not None:
+        from .quant.blockwise import parse_method
+
+        if not parse_method(args.method).blockzo:
+            raise TinyzqError(f"--blockzo-steps applies to the blockzo methods, not --method {args.method}")
+        options = {**(options or {}), "blockzo_options": {"steps": args.blockzo_steps}}
     m = quantize(args.src, args.out, args.bits, args.group, args.method, calib_text=calib_text,
                  calib_windows=args.calib_windows, calib_tokens=args.calib_tokens, options=options)
     d = m.describe()
@@ -227,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper's 0.01 fits the calibration text too closely); larger values trust it less")
     s.add_argument("--act-order", action="store_true",
                    help="gptq: quantize columns by decreasing XᵀX diagonal (group params fixed up front)")
+    s.add_argument("--blockzo-steps", type=_positive(int), default=None, metavar="N",
+                   help="blockzo: ZO steps per decoder block (default 64; time grows linearly)")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("eval", help="perplexity on a text (documented protocol) and/or accuracy on multiple-choice tasks")
