@@ -201,10 +201,16 @@ def test_blockzo_steps_flag(tiny_hf_dir, text_file, tmp_path):
     import tinyzq
     from safetensors.numpy import load_file
 
-    common = ("--bits", 3, "--group", 32, "--method", "search+blockzo", "--calib", text_file, "--calib-tokens", 256)
-    run("quantize", tiny_hf_dir, tmp_path / "cli", *common, "--blockzo-steps", 16)
+    common = ("--bits", 3, "--group", 32, "--method", "awq+search+blockzo", "--calib", text_file, "--calib-tokens", 256)
+    p = run("quantize", tiny_hf_dir, tmp_path / "cli", *common, "--blockzo-steps", 16)
     run("quantize", tiny_hf_dir, tmp_path / "dflt", *common)
-    tinyzq.quantize(str(tiny_hf_dir), str(tmp_path / "api"), 3, 32, "search+blockzo", calib_text=text_file.read_text(),
+    blocks = json.loads((tmp_path / "cli" / "quant.json").read_text())["blocks"]  # per-block report is kept
+    assert [b["block"] for b in blocks] == [0, 1] and all(set(b["awq_alpha"]) for b in blocks)
+    zo = [b["blockzo"] for b in blocks]
+    assert all(z["steps"] == 16 and z["loss_after"] <= z["loss_before"] for z in zo)
+    assert all(z["kept"] == (z["loss_after"] < z["loss_before"]) for z in zo)
+    assert f"in {sum(z['kept'] for z in zo)} of 2 blocks" in p.stdout
+    tinyzq.quantize(str(tiny_hf_dir), str(tmp_path / "api"), 3, 32, "awq+search+blockzo", calib_text=text_file.read_text(),
                     calib_tokens=256, options={"blockzo_options": {"steps": 16}})
     cli, api, dflt = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api", "dflt"))
     assert all(np.array_equal(cli[k], api[k]) for k in cli)

@@ -4,6 +4,7 @@ Everything the CLI does is a call here, so an app can do it in three lines.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Iterator
@@ -228,12 +229,12 @@ def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str 
         if is_block_linear(name):
             quantizer.check_group(shape[1], group, name)
     t0 = time.perf_counter()
-    calib = None
+    calib, blocks = None, None
     if blockwise:
         from .quant.blockwise import quantize_blocks
 
         wins = calib_token_windows(m, calib_text, calib_windows, calib_tokens)
-        quantize_blocks(m.net, wins, bits, group, method, progress=progress, **(options or {}))
+        blocks = quantize_blocks(m.net, wins, bits, group, method, progress=progress, **(options or {}))["blocks"]
         calib = ("default corpus (train split)" if calib_text is None else "user text") + \
             f", {wins.size} tokens, block-wise"
         x_stats = None
@@ -260,6 +261,8 @@ def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str 
         del lin, q
     meta = {"bits": bits, "group": group, "method": method, "embed_bits": EMBED_BITS, "embed_group": EMBED_GROUP,
             "source": os.path.abspath(src), "calibration": calib, "quantize_seconds": round(time.perf_counter() - t0, 2)}
+    if blocks is not None:  # per-block notes of the block-wise methods (awq's alpha, blockzo's losses) for quant.json
+        meta["blocks"] = json.loads(json.dumps(blocks, default=float))
     qm = Model(cfg, m.tokenizer, m.weights, meta, out)
     if out is not None:
         from .io import checkpoint

@@ -110,6 +110,14 @@ def cmd_quantize(args):
     print(f"wrote {args.out}: W{args.bits}g{args.group} {m.meta.get('method')}, {d['packed_tensors']} packed tensors, "
           f"{d['weight_mb']:.1f} MiB of weights, embeddings/lm_head 8-bit g32 "
           f"({m.meta.get('quantize_seconds')} s)")
+    import statistics
+
+    zo = [b["blockzo"] for b in m.meta.get("blocks") or [] if "blockzo" in b]
+    if zo:
+        gains = [100.0 * (1.0 - b["loss_after"] / b["loss_before"]) for b in zo if b["loss_before"] > 0]
+        print(f"blockzo: lowered the block output error in {sum(b['kept'] for b in zo)} of {len(zo)} blocks "
+              f"(median {statistics.median(gains) if gains else 0.0:.1f}%, largest {max(gains, default=0.0):.1f}%); "
+              f"per-block losses in {args.out}/quant.json")
 
 
 def cmd_eval(args):
