@@ -4,7 +4,6 @@ Everything the CLI does is a call here, so an app can do it in three lines.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Iterator
@@ -262,7 +261,7 @@ def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str 
     meta = {"bits": bits, "group": group, "method": method, "embed_bits": EMBED_BITS, "embed_group": EMBED_GROUP,
             "source": os.path.abspath(src), "calibration": calib, "quantize_seconds": round(time.perf_counter() - t0, 2)}
     if blocks is not None:  # per-block notes of the block-wise methods (awq's alpha, blockzo's losses) for quant.json
-        meta["blocks"] = json.loads(json.dumps(blocks, default=float))
+        meta["blocks"] = blocks
     qm = Model(cfg, m.tokenizer, m.weights, meta, out)
     if out is not None:
         from .io import checkpoint

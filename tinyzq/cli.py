@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 from .errors import TinyzqError
@@ -88,30 +89,26 @@ def cmd_quantize(args):
         calib_text = read_text(args.calib)
     if args.calib_tokens is not None and args.calib_windows is not None:
         raise TinyzqError("give --calib-tokens or --calib-windows, not both")
-    options = None
-    if args.damp is not None or args.act_order:
-        from .quant.blockwise import parse_method
+    from .quant.blockwise import parse_method
 
-        if not parse_method(args.method).base.startswith("gptq"):
+    plan, options = parse_method(args.method), {}
+    if args.damp is not None or args.act_order:
+        if not plan.base.startswith("gptq"):
             raise TinyzqError(f"--damp and --act-order apply to the gptq methods, not --method {args.method}")
         gopts = {"act_order": bool(args.act_order)}
         if args.damp is not None:
             gopts["damp"] = args.damp
-        options = {"gptq_options": gopts}
+        options["gptq_options"] = gopts
     if args.blockzo_steps is not None:
-        from .quant.blockwise import parse_method
-
-        if not parse_method(args.method).blockzo:
+        if not plan.blockzo:
             raise TinyzqError(f"--blockzo-steps applies to the blockzo methods, not --method {args.method}")
-        options = {**(options or {}), "blockzo_options": {"steps": args.blockzo_steps}}
+        options["blockzo_options"] = {"steps": args.blockzo_steps}
     m = quantize(args.src, args.out, args.bits, args.group, args.method, calib_text=calib_text,
-                 calib_windows=args.calib_windows, calib_tokens=args.calib_tokens, options=options)
+                 calib_windows=args.calib_windows, calib_tokens=args.calib_tokens, options=options or None)
     d = m.describe()
     print(f"wrote {args.out}: W{args.bits}g{args.group} {m.meta.get('method')}, {d['packed_tensors']} packed tensors, "
           f"{d['weight_mb']:.1f} MiB of weights, embeddings/lm_head 8-bit g32 "
           f"({m.meta.get('quantize_seconds')} s)")
-    import statistics
-
     zo = [b["blockzo"] for b in m.meta.get("blocks") or [] if "blockzo" in b]
     if zo:
         gains = [100.0 * (1.0 - b["loss_after"] / b["loss_before"]) for b in zo if b["loss_before"] > 0]

@@ -81,7 +81,7 @@ class TrainConfig:
 
     def check(self) -> None:
         from .zo.optim import SCHEDULES
-        from .zo.params import DIRECTIONS, MODES
+        from .zo.params import MODES, check_directions
 
         if self.train not in MODES:
             raise TinyzqError(f"--train {self.train!r} is unknown; choose one of: {', '.join(MODES)}")
@@ -95,8 +95,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise TinyzqError(f"--{name} must be a positive number, not {v!r}")
-        if self.directions not in DIRECTIONS:
-            raise TinyzqError(f"--directions {self.directions!r} is unknown; choose one of: {', '.join(DIRECTIONS)}")
+        check_directions(self.directions)
         if self.dist not in ("gaussian", "rademacher"):
             raise TinyzqError(f"--dist {self.dist!r} is unknown; choose gaussian or rademacher")
         if self.schedule not in SCHEDULES:

@@ -50,6 +50,11 @@ _ROW_STREAM, _COL_STREAM = 0x50C0_0000_0000_0000, 0xC01C_0000_0000_0000
 _SQRT_HALF = np.float32(math.sqrt(0.5))
 
 
+def check_directions(directions: str) -> None:
+    if directions not in DIRECTIONS:
+        raise TinyzqError(f"--directions {directions!r} is unknown; choose one of: {', '.join(DIRECTIONS)}")
+
+
 class Entry:
     __slots__ = ("name", "tid", "base", "live", "mult", "shape", "rowcol")
 
@@ -94,8 +99,7 @@ class ParamSet:
     def __init__(self, specs: list, mode: str = "custom", directions: str = "dense"):
         """specs: list of (layer, [(name, live_array_or_None, init_values, mult)], requant_fn_or_None).
         directions: `dense` (z i.i.d. per value) or `rowcol` (2-D tensors draw z[r, c] = (a[r] + b[c])/√2)."""
-        if directions not in DIRECTIONS:
-            raise TinyzqError(f"--directions {directions!r} is unknown; choose one of: {', '.join(DIRECTIONS)}")
+        check_directions(directions)
         self.mode, self.directions = mode, directions
         total = sum(int(np.asarray(v).size) for _, ents, _ in specs for _, _, v, _ in ents)
         self.flat = np.empty(total, np.float32)
