@@ -1,59 +1,18 @@
 /*
  * ops.c -- the element-wise parts of a many-token forward pass (prefill, evaluation, training),
- * on the thread pool: RMSNorm, SiLU(gate) * up, RoPE in place, the causal softmax of one query
- * block, and the online log-sum-exp of a vocabulary tile (cross-entropy without [tokens, vocab]).
+ * on the thread pool: RMSNorm, SiLU(gate) * up, RoPE in place and the online log-sum-exp of a vocabulary tile (cross-entropy without [tokens, vocab]).
  *
  * The matrix products stay in BLAS; these loops were single-threaded NumPy passes over
  * [tokens, width] arrays (about a third of a 4 x 512 forward of SmolLM2). Every row is computed by
  * one thread in a fixed order, so results do not depend on the thread count. The formulas are
  * those of tinyzq/model.py's NumPy fall-backs (kept as the reference the tests compare against);
- * sums run in 8 fp32 lanes (vectorised without reassociation) and exp is tzq_expf below, so results
+ * sums run in 8 fp32 lanes (vectorised without reassociation) and exp is tzq_expf (tzq_internal.h), so results
  * differ from NumPy's by ~1e-7 relative. The loops vectorise because the module is compiled with
  * -fno-trapping-math (build_ext.py): GCC does not if-convert the clamps of tzq_expf otherwise.
  */
 #include <math.h>
 #include <string.h>
 #include "tzq_internal.h"
-
-/* e^x in fp32 without libm, branch-free so that compilers vectorise the loops that call it:
-   x = k ln2 + r (|r| <= ln2/2; k rounded with the 1.5 * 2^23 trick, ln2 split hi/lo), e^r by a
-   degree-7 Taylor polynomial (relative error < 2e-9 on that range, below fp32 rounding), 2^k by
-   building the exponent bits. x is clamped to [-87.3, 88.3] so 2^k stays a normal number; the
-   result is 0 below -87.3 (e^(-inf) = 0, as the softmax masks need) and e^88.3 above 88.3. */
-static inline float tzq_expf(float x)
-{
-    const float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-    const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float r = (xc - k * 0.693145751953125f) - k * 1.42860682030941723212e-6f;
-    const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667163e-1f + r * (4.1666667908e-2f +
-                    r * (8.3333337680e-3f + r * (1.3888889225e-3f + r * 1.9841270114e-4f))))));
-    const uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
-    float two_k;
-    memcpy(&two_k, &bits, 4);
-    return x > -87.3f ? p * two_k : 0.0f;
-}
-
-/* sum and max of a row in 8 independent lanes (combined in a fixed order) */
-static inline float sum8(const float *x, int64_t n)
-{
-    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; l++) acc[l] += x[j + l];
-    for (; j < n; j++) acc[0] += x[j];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-
-static inline float max8(const float *x, int64_t n)
-{
-    float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
-    for (; j < n; j++) m[0] = x[j] > m[0] ? x[j] : m[0];
-    for (int l = 1; l < 8; l++) m[0] = m[l] > m[0] ? m[l] : m[0];
-    return m[0];
-}
 
 /* ---------------------------------------------------------------- RMSNorm */
 float tzq_sum_squares8(const float *x, int64_t n)
@@ -155,36 +114,6 @@ int tzq_rope(float *x, int64_t n, int64_t T, int64_t xs, int64_t heads, int64_t 
     return TZQ_OK;
 }
 
-/* ---------------------------------------------------------------- causal softmax */
-typedef struct {
-    float *s;
-    int64_t S, n, first;
-} softmax_job;
-
-static void softmax_range(void *ctx, int64_t i0, int64_t i1)
-{
-    const softmax_job *a = (const softmax_job *)ctx;
-    for (int64_t i = i0; i < i1; i++) {
-        float *s = a->s + i * a->S;
-        const int64_t vis = a->first + i % a->n; /* keys 0..vis-1 are visible to this query */
-        const float mx = max8(s, vis);
-        float inv;
-        for (int64_t t = 0; t < vis; t++) s[t] = tzq_expf(s[t] - mx);
-        inv = 1.0f / sum8(s, vis);
-        for (int64_t t = 0; t < vis; t++) s[t] *= inv;
-        for (int64_t t = vis; t < a->S; t++) s[t] = 0.0f;
-    }
-}
-
-int tzq_causal_softmax(float *s, int64_t rows, int64_t S, int64_t n, int64_t first)
-{
-    softmax_job a;
-    if (rows < 0 || S <= 0 || n <= 0 || first < 1 || first + n - 1 > S) return TZQ_EINVAL;
-    a.s = s; a.S = S; a.n = n; a.first = first;
-    tzq_parallel_for(rows, 1 + 8192 / S, softmax_range, &a);
-    return TZQ_OK;
-}
-
 /* ---------------------------------------------------------------- log-sum-exp of a vocabulary tile */
 typedef struct {
     const float *z;
@@ -197,7 +126,7 @@ static void lse_range(void *ctx, int64_t i0, int64_t i1)
     const lse_job *a = (const lse_job *)ctx;
     for (int64_t i = i0; i < i1; i++) {
         const float *z = a->z + i * a->w;
-        const float zm = max8(z, a->w);
+        const float zm = tzq_max8(z, a->w);
         const float m = (double)zm > a->mx[i] ? zm : (float)a->mx[i];
         float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, s;
         int64_t j = 0;

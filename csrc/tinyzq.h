@@ -100,6 +100,12 @@ uint64_t tzq_stream_read(const uint8_t *buf, int64_t n);
 int tzq_attn_decode(const float *q, const float *k, const float *v, int64_t B, int64_t nh, int64_t nkv,
                     int64_t hd, int64_t qs, int64_t ks, int64_t vs, const float *cos, const float *sin,
                     float *kcache, float *vcache, int64_t max_len, int64_t pos, float scale, float *out);
+/* ---- attn_prefill.c: causal GQA attention of T new positions (prefill, evaluation, training) ---- */
+/* q [B, nkv, g, T, hd] (scaled) at positions pos0 .. pos0+T-1; keys/values of positions 0 .. pos0+T-1
+   are the rows of k/v, group (b, kh) starting at k/v + (b*nkv + kh)*kvs; out [B, nkv, g, T, hd] =
+   softmax over the visible keys (t <= the query's position) of q.k_t, times V */
+int tzq_attn_prefill(const float *q, const float *k, const float *v, int64_t B, int64_t nkv, int64_t g,
+                     int64_t T, int64_t hd, int64_t pos0, int64_t kvs, float *out);
 /* ---- decode.c: the decoder layers of one decode step (T = 1) in one call ---- */
 /* a packed linear y = x . W^T (+ bias): W as in tzq_qmatmul; bias float32 [rows] or NULL */
 typedef struct {
@@ -152,9 +158,6 @@ int tzq_silu_mul(const float *g, int64_t gs, const float *u, int64_t us, int64_t
    position i % T and uses cos/sin [T, hd/2] row i % T */
 int tzq_rope(float *x, int64_t n, int64_t T, int64_t xs, int64_t heads, int64_t hd, const float *cos,
              const float *sin);
-/* s [rows, S] scores of query blocks of n queries (row i is query i % n of its block); query q sees
-   keys 0 .. first + q - 1: softmax over those, 0 elsewhere, in place */
-int tzq_causal_softmax(float *s, int64_t rows, int64_t S, int64_t n, int64_t first);
 /* online log-sum-exp over a [n, w] tile of logits z: m = max(run_max, max z);
    run_sum = run_sum * exp(run_max - m) + sum exp(z - m); run_max = m  (fp64 state) */
 int tzq_lse_update(const float *z, int64_t n, int64_t w, double *run_max, double *run_sum);

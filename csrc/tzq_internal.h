@@ -52,6 +52,49 @@ TZQ_HIDDEN void tzq_unpack_block(const uint8_t *row, int64_t cols, int bits, int
 TZQ_HIDDEN void tzq_ref_dequant_row(const uint8_t *row, const float *s, const float *z,
                                     int64_t cols, int bits, int group, float *out);
 
+/* ---- ops.c, attn_prefill.c: fp32 helpers (vectorise without reassociation; ops.c says why) ---- */
+#include <math.h>
+#include <string.h>
+/* e^x in fp32 without libm, branch-free so that compilers vectorise the loops that call it:
+   x = k ln2 + r (|r| <= ln2/2; k rounded with the 1.5 * 2^23 trick, ln2 split hi/lo), e^r by a
+   degree-7 Taylor polynomial (relative error < 2e-9 on that range, below fp32 rounding), 2^k by
+   building the exponent bits. x is clamped to [-87.3, 88.3] so 2^k stays a normal number; the
+   result is 0 below -87.3 (e^(-inf) = 0, as the softmax masks need) and e^88.3 above 88.3. */
+TZQ_INLINE float tzq_expf(float x)
+{
+    const float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+    const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = (xc - k * 0.693145751953125f) - k * 1.42860682030941723212e-6f;
+    const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667163e-1f + r * (4.1666667908e-2f +
+                    r * (8.3333337680e-3f + r * (1.3888889225e-3f + r * 1.9841270114e-4f))))));
+    const uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &bits, 4);
+    return x > -87.3f ? p * two_k : 0.0f;
+}
+
+/* sum and max of a row in 8 independent lanes (combined in a fixed order) */
+TZQ_INLINE float tzq_sum8(const float *x, int64_t n)
+{
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) acc[l] += x[j + l];
+    for (; j < n; j++) acc[0] += x[j];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+TZQ_INLINE float tzq_max8(const float *x, int64_t n)
+{
+    float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
+    for (; j < n; j++) m[0] = x[j] > m[0] ? x[j] : m[0];
+    for (int l = 1; l < 8; l++) m[0] = m[l] > m[0] ? m[l] : m[0];
+    return m[0];
+}
+
 /* ---- ops.c ---- */
 /* sum of x[j]^2 in 8 independent fp32 lanes combined in a fixed order (vectorises without
    reassociation); the RMSNorm of ops.c and of the decode step (decode.c) both use it */

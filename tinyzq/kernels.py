@@ -539,14 +539,32 @@ class Kernels:
                     "rope")
         return x
 
-    def causal_softmax_(self, s: np.ndarray, n: int, first: int) -> np.ndarray:
-        """In place over the last axis of scores s [..., n, S]: query q (q = row index % n) sees keys
-        0 .. first+q-1 (softmax over them, 0 elsewhere)."""
-        ps, rows, S, ss = self._rows(s, "s", True)
-        if ss != S or s.ndim < 2 or s.shape[-2] != n:
-            _err(f"s must be a C-contiguous [..., {n}, S] array, got {s.shape}")
-        self._check(self.lib.tzq_causal_softmax(ps, rows, S, n, first), "causal_softmax")
-        return s
+    def attn_prefill(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int = 0, out=None) -> np.ndarray:
+        """Causal GQA attention (csrc/attn_prefill.c): q [B, nkv, g, T, hd] float32 C-contiguous, scaled,
+        at positions pos0 .. pos0+T-1; k, v [B, nkv, S, hd] with S = pos0 + T (contiguous, or views of
+        the first S rows of a [B, nkv, max_len, hd] cache). Returns out [B, nkv, g, T, hd]."""
+        q = _arr(q, "q", np.float32, 5)
+        B, nkv, g, T, hd = q.shape
+        S = pos0 + T
+        kvs = None
+        for name, a in (("k", k), ("v", v)):
+            if not isinstance(a, np.ndarray) or a.dtype != _F32 or a.shape != (B, nkv, S, hd):
+                _err(f"attn_prefill: {name} must be float32 [{B}, {nkv}, {S}, {hd}], got "
+                     f"{getattr(a, 'shape', type(a).__name__)}")
+            st = a.strides
+            if st[3] != 4 or st[2] != 4 * hd or st[1] % 4 or st[0] != st[1] * nkv or (kvs or st[1] // 4) != st[1] // 4:
+                _err(f"attn_prefill: {name} must have contiguous rows of {hd} and (batch, head) groups evenly "
+                     "strided like k's (a C-contiguous array or a prefix view of a KV cache)")
+            kvs = st[1] // 4
+        if kvs < S * hd:
+            _err("attn_prefill: k/v groups overlap")
+        out = np.empty(q.shape, np.float32) if out is None else _arr(out, "out", np.float32, 5)
+        if out.shape != q.shape:
+            _err(f"attn_prefill: out must have shape {q.shape}")
+        ptr = lambda a: self.ffi.cast("float *", a.__array_interface__["data"][0])  # noqa: E731
+        self._check(self.lib.tzq_attn_prefill(ptr(q), ptr(k), ptr(v), B, nkv, g, T, hd, int(pos0), kvs, ptr(out)),
+                    "attn_prefill")
+        return out
 
     def lse_update(self, z: np.ndarray, run_max: np.ndarray, run_sum: np.ndarray) -> None:
         """Online log-sum-exp over the rows of a logits tile z [n, w] (float32 C-contiguous) into

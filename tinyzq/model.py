@@ -74,25 +74,32 @@ class FloatLinear:
 ATTN_QBLOCK = 64  # queries per block of the causal attention (keys past the block's last query are skipped)
 
 
+def _kv_rows(a: np.ndarray) -> np.ndarray:
+    """a [B, nkv, S, hd] as the C kernel takes it: contiguous rows (a KV cache's prefix view is kept)."""
+    st = a.strides
+    if st[3] == 4 and st[2] == 4 * a.shape[3] and st[0] == st[1] * a.shape[1]:
+        return a
+    return np.ascontiguousarray(a)
+
+
 def _causal_gqa(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int, K=None) -> np.ndarray:
     """Causal grouped-query attention. q [B, nkv, g, T, hd] (already scaled) at absolute positions
     pos0..pos0+T-1; k, v [B, nkv, S, hd] for positions 0..S-1. Returns [B, nkv, g, T, hd].
 
-    Queries go in blocks of ATTN_QBLOCK: a block only multiplies the keys its last query can see (about
+    With the C kernels (K) this is one call to csrc/attn_prefill.c. The NumPy path below is the
+    fall-back and the tests' reference: queries go in blocks of ATTN_QBLOCK: a block only multiplies the keys its last query can see (about
     half the work of the full square for a long prompt) and its scores stay cache-sized. Within a block
     the g query heads of one KV head are stacked as g*t rows against its keys, so every product is one
     plain batched gemm (no broadcast strides, which defeat BLAS)."""
     B, nkv, g, T, hd = q.shape
+    if K is not None:  # csrc/attn_prefill.c: scores, mask, softmax and the product with V in one call
+        return K.attn_prefill(np.ascontiguousarray(q), _kv_rows(k), _kv_rows(v), pos0)
     out = np.empty((B, nkv, g, T, hd), dtype=np.float32)
     for t0 in range(0, T, ATTN_QBLOCK):
         t1 = min(T, t0 + ATTN_QBLOCK)
         n, S1 = t1 - t0, pos0 + t1  # keys 0..S1-1 are visible to some query of the block
         qb = np.ascontiguousarray(q[:, :, :, t0:t1]).reshape(B, nkv, g * n, hd)
         scores = (qb @ k[:, :, :S1].swapaxes(-1, -2)).reshape(B, nkv, g, n, S1)
-        if K is not None:  # csrc/ops.c: mask, max, exp, sum and scale in one threaded pass
-            K.causal_softmax_(scores, n, pos0 + t0 + 1)
-            out[:, :, :, t0:t1] = (scores.reshape(B, nkv, g * n, S1) @ v[:, :, :S1]).reshape(B, nkv, g, n, hd)
-            continue
         if n > 1:  # causal: the query at absolute position pos0+t sees keys 0..pos0+t
             scores += np.where(np.arange(S1)[None, :] > (pos0 + np.arange(t0, t1))[:, None], -np.inf,
                                0.0).astype(np.float32)
