@@ -1,4 +1,5 @@
-"""The aarch64 kernels (csrc/qgemm_arm.c), cross-compiled and run under qemu-aarch64.
+"""The aarch64 kernels (csrc/qgemm_arm.c, and csrc/attn_prefill.c's NEON code), cross-compiled and
+run under qemu-aarch64.
 
 tests/arm/gen_cases.py writes golden cases from the NumPy reference into a temporary file;
 tests/arm/harness.c (the C API, with csrc/ compiled in as build_ext.py's unity source; no Python
@@ -13,6 +14,9 @@ flags for the aarch64 modules: ref, neon (-march=armv8-a, must run on a Raspberr
 - tzq_cpu_features() reports dotprod on `max` and not on `cortex-a72`;
 - the neon build contains no dotprod/i8mm instruction at all;
 - neon and dotprod give bit-identical products (same exact integer sums, same float code);
+- causal grouped-query attention (tzq_attn_prefill) runs on every golden attention case in every
+  variant, within tolerance of the float64 NumPy reference, and ref, neon and dotprod give
+  bit-identical attention outputs (same multiply-then-add order in every variant);
 - the sources compile without warnings (-Wall -Wextra -pedantic) for every aarch64 variant;
 - a corrupted golden value makes the harness fail (it is not vacuous).
 
@@ -87,7 +91,7 @@ def work(tmp_path_factory):
     gen.write_cases(cases, seed=0)
     quick = str(d / "quick.bin")
     offsets = gen.write_cases(quick, seed=1, quick=True)
-    return {"dir": str(d), "cases": cases, "quick": quick, "offsets": offsets}
+    return {"dir": str(d), "cases": cases, "quick": quick, "offsets": offsets, "gen": gen}
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +152,17 @@ def test_neon_build_has_no_dotprod_instructions(binaries):
 
 
 @pytest.mark.parametrize("variant, cpu", RUNS)
-def test_harness_passes_under_qemu(runs, variant, cpu):
+def test_harness_passes_under_qemu(work, runs, variant, cpu):
     r = runs(variant, cpu)
     last, s = _summary(r.stdout)
     assert r.returncode == 0, f"{variant} on {cpu}: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
     assert last.startswith("PASS") and s["failures"] == "0" and s["isa"] == variant, last
     assert int(s["products"]) > 800 and int(s["checks"]) > 5000, last
     assert s["rng_records"] == "3", last  # random directions: the same bits as x86 and NumPy
+    # attention: every case, with 3 and 1 threads (bit-identical), within tolerance of float64
+    assert int(s["attn_records"]) == len(work["gen"].ATTN_CASES) >= 4, last
+    assert int(s["attn_runs"]) == 2 * int(s["attn_records"]), last
+    assert float(s["attn_max_err_over_tol"]) <= 1.0, last
     if variant == "ref":  # the C reference is the NumPy reference, bit for bit
         assert s["exact_products"] == s["products"], last
     else:  # SIMD only reorders fp32 additions
@@ -176,6 +184,14 @@ def test_neon_and_dotprod_products_are_identical(runs):
     assert ref["y_hash"] != a["y_hash"]  # the SIMD path really ran (different summation order)
 
 
+def test_attention_outputs_are_identical_in_every_variant(runs):
+    """attn_prefill's variants compute every dot product in the same order (plain multiply then add,
+    -ffp-contract=off): the reference build, NEON and dotprod agree bit for bit, on either CPU."""
+    hashes = {(variant, cpu): _summary(runs(variant, cpu).stdout)[1].get("attn_hash") for variant, cpu in RUNS}
+    assert {"ref", "neon", "dotprod"} <= {variant for variant, _ in RUNS}
+    assert None not in hashes.values() and len(set(hashes.values())) == 1, hashes
+
+
 def test_dotprod_build_refused_on_cortex_a72(work, binaries):
     r = _qemu(binaries["dotprod"][0], "cortex-a72", work["quick"], cwd=work["dir"])
     assert r.returncode == 3, r.stdout + r.stderr
@@ -190,7 +206,8 @@ def test_dotprod_build_refused_on_cortex_a72(work, binaries):
 @pytest.mark.parametrize("variant", ["ref", "neon"])
 @pytest.mark.parametrize("what, expect", [("W", "FAIL dequantize"), ("codes", "FAIL unpack"),
                                           ("xi2", "FAIL quantize_activations xi"), ("y3", "FAIL qmatmul"),
-                                          ("z", "FAIL rng_fill bits"), ("mult", "FAIL rng_axpy bits")])
+                                          ("z", "FAIL rng_fill bits"), ("mult", "FAIL rng_axpy bits"),
+                                          ("attn_out", "FAIL attn_prefill within tolerance")])
 def test_corrupted_golden_fails(work, binaries, tmp_path, variant, what, expect):
     """Flip one byte of one golden array: the harness must notice."""
     if ("quick", variant) not in work:  # the intact file passes
@@ -198,8 +215,8 @@ def test_corrupted_golden_fails(work, binaries, tmp_path, variant, what, expect)
     ok = work["quick", variant]
     assert ok.returncode == 0 and _summary(ok.stdout)[0].startswith("PASS"), ok.stdout[-2000:]
     data = bytearray(open(work["quick"], "rb").read())
-    rec = work["offsets"][1] if what not in ("z", "mult") else next(r for r in work["offsets"] if "z" in r)
-    fp32 = what in ("W", "y3", "z", "mult")
+    rec = next(r for r in work["offsets"][1:] if what in r)  # the second weight record, or the first rng/attention one
+    fp32 = what in ("W", "y3", "z", "mult", "attn_out")
     off = rec[what] + (3 if fp32 else 0)  # fp32: the byte with sign and exponent
     data[off] ^= 0x40 if fp32 else 0x01
     bad = tmp_path / "bad.bin"

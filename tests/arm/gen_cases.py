@@ -22,11 +22,24 @@ never from the C code under test. The file is a sequence of little-endian record
                  src     float32 [n]
                  add     float32 [n]   src + a z          (a = RNG_A, fp32)
                  mult    float32 [n]   src + (a z) src    (all bit for bit: rng.c uses no libm)
+  attention record: int64[8] {MAGIC_A, B, nkv, g, T, hd, pos0, kvs}   (tzq_attn_prefill's arguments)
+                 q       float32 [B, nkv, g, T, hd]   queries at positions pos0 .. pos0+T-1 (scaled)
+                 k       float32 [B*nkv*kvs]          group (b, kh) at (b*nkv + kh)*kvs: rows 0 .. pos0+T-1
+                 v       float32 [B*nkv*kvs]            of hd floats, then unused cache space (NaN)
+                 out     float32 [B, nkv, g, T, hd]   float64 causal softmax(q.K^T) V, rounded to fp32
+                 tol     float32                      allowed |out - out_ref| of every variant
   end: int64 MAGIC_END
 
 `a, b` is a row range for dequantize(row_start=a, row_stop=b). The SIMD tolerance is the one of
 tests/test_kernels.py: 1e-5 * sum_j |s| (|q| + |z|) |x_j| (the SIMD kernels reorder fp32
 additions only); it is 0 for the "extremes" weights, where every path must be exact.
+
+The attention records are KV-cache layouts: kvs >= (pos0+T)*hd, and whatever lies past position
+pos0+T-1 in a group (unused cache rows, and a few floats more when kvs is not a multiple of hd) is
+NaN, so reading it poisons the output. `out` is the float64 reference of tests/test_attention.py
+(written again here, independently of the C code), and `tol` its tolerance: 2e-7 (8 + smax)
+max(1, max|v|), smax = max |q.k| over the visible keys. The variants themselves must agree bit for
+bit (the harness prints attn_hash, a hash of their outputs, for tests/test_arm_qemu.py to compare).
 
 Usage: python tests/arm/gen_cases.py OUT.bin [--quick]
 """
@@ -50,6 +63,7 @@ from rng_reference import ref_z  # noqa: E402
 MAGIC_W = 0x575A5A54  # "TZZW"
 MAGIC_END = 0x444E4554  # "TEND"
 MAGIC_R = 0x52475A54  # "TZGR"
+MAGIC_A = 0x4E545441  # "ATTN"
 RNG_A = np.float32(-3.7e-3)  # harness.c uses the same literal
 BITS = (2, 3, 4, 8)
 # (cols, group, rows): 4-bit steps of 64, 2/3-bit steps of 128 inputs, the NEON step of 128 (so
@@ -60,6 +74,13 @@ SHAPES = [(576, 64, 37), (576, 96, 13), (576, 192, 21), (576, 32, 9), (1536, 64,
           (96, 96, 7), (224, 32, 5), (512, 128, 6), (768, 384, 3), (32, 32, 4), (576, 64, 301),
           (160, 32, 301)]
 QUICK_SHAPES = [(576, 96, 13), (160, 32, 23), (512, 128, 6)]
+# attention: (B, nkv, g, T, hd, pos0, unused floats past pos0+T rows per group, query scale):
+# SmolLM2's heads (3 KV heads of 64, 3 query heads each) over 70 fresh positions (3 tiles of 32),
+# a prefix already in a cache (pos0 > 0), an odd head size (a head-dimension tail in every variant)
+# with 5 heads per group and a group stride that is not a multiple of hd, and one decode-like step
+ATTN_CASES = [(2, 3, 3, 70, 64, 0, 0, 1.0), (1, 2, 2, 37, 40, 11, 5 * 40, 4.0), (1, 1, 5, 9, 7, 3, 2 * 7 + 3, 30.0),
+              (2, 3, 3, 1, 64, 20, 4 * 64, 8.0)]
+QUICK_ATTN_CASES = [(1, 2, 2, 37, 40, 11, 5 * 40, 4.0), (1, 1, 5, 9, 7, 3, 2 * 7 + 3, 30.0)]
 
 
 def make_weight(rng, bits, rows, cols, group):
@@ -135,6 +156,21 @@ class Writer:
             _arr(self.f, a, "<f4")
         self.offsets.append(rec)
 
+    def attention(self, q, kc, vc, pos0, kvs):
+        """q [B, nkv, g, T, hd]; kc, vc [B, nkv, kvs] (flat groups, keys as rows of hd from the start)."""
+        B, nkv, g, T, hd = q.shape
+        S = pos0 + T
+        k = kc[:, :, :S * hd].reshape(B, nkv, S, hd)
+        v = vc[:, :, :S * hd].reshape(B, nkv, S, hd)
+        out, smax = attention_reference(q, k, v, pos0)
+        tol = 2e-7 * (8 + smax) * max(1.0, float(np.abs(v).max()))
+        rec = {}
+        _i64(self.f, MAGIC_A, B, nkv, g, T, hd, pos0, kvs)
+        for name, a in (("attn_q", q), ("attn_k", kc), ("attn_v", vc), ("attn_out", out), ("attn_tol", tol)):
+            self._mark(rec, name)
+            _arr(self.f, a, "<f4")
+        self.offsets.append(rec)
+
     def end(self):
         _i64(self.f, MAGIC_END)
 
@@ -148,6 +184,33 @@ def activations(rng, n, cols, variant):
     if variant % 5 == 2:
         x[-1] *= np.float32(1e-39 / 100)  # subnormal block maxima: 1/d overflows
     return x
+
+
+def attention_reference(q, k, v, pos0):
+    """float64 causal softmax(q.K^T) V, one query position at a time (as tests/test_attention.py);
+    returns (out, max |q.k| over the visible keys)."""
+    B, nkv, g, T, hd = q.shape
+    out, smax = np.zeros(q.shape, np.float64), 0.0
+    for t in range(T):
+        S = pos0 + t + 1  # keys 0 .. pos0+t are visible
+        s = np.einsum("bkgd,bksd->bkgs", q[:, :, :, t].astype(np.float64), k[:, :, :S].astype(np.float64))
+        smax = max(smax, float(np.abs(s).max()))
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[:, :, :, t] = np.einsum("bkgs,bksd->bkgd", p, v[:, :, :S].astype(np.float64))
+    return out, smax
+
+
+def attention_inputs(rng, B, nkv, g, T, hd, pos0, extra, scale):
+    """q and KV-cache buffers [B, nkv, kvs] with kvs = (pos0+T)*hd + extra; the unused tail is NaN."""
+    S = pos0 + T
+    kvs = S * hd + extra
+    q = (rng.standard_normal((B, nkv, g, T, hd)) * scale / np.sqrt(hd)).astype(np.float32)
+    kc = np.full((B, nkv, kvs), np.nan, np.float32)
+    vc = np.full((B, nkv, kvs), np.nan, np.float32)
+    kc[:, :, :S * hd] = rng.standard_normal((B, nkv, S * hd))
+    vc[:, :, :S * hd] = rng.standard_normal((B, nkv, S * hd)) * 3
+    return q, kc, vc, kvs
 
 
 def write_cases(path, seed=0, quick=False):
@@ -182,6 +245,10 @@ def write_cases(path, seed=0, quick=False):
         # random directions: several thread chunks (grain 16384) and an odd tail, both distributions
         for seed, tid, dist in [(0, 0, 0), (2**64 - 1, 2**40, 0), (7, 3, 1)]:
             w.rng(seed, tid, 40_003, dist, rng)
+        # causal grouped-query attention (tzq_attn_prefill)
+        for B, nkv, g, T, hd, pos0, extra, scale in (QUICK_ATTN_CASES if quick else ATTN_CASES):
+            q, kc, vc, kvs = attention_inputs(rng, B, nkv, g, T, hd, pos0, extra, scale)
+            w.attention(q, kc, vc, pos0, kvs)
         w.end()
     return w.offsets
 
@@ -190,4 +257,4 @@ if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: python tests/arm/gen_cases.py OUT.bin [--quick]")
     offs = write_cases(sys.argv[1], quick="--quick" in sys.argv)
-    print(f"wrote {len(offs)} weight records to {sys.argv[1]} ({os.path.getsize(sys.argv[1])} bytes)")
+    print(f"wrote {len(offs)} records to {sys.argv[1]} ({os.path.getsize(sys.argv[1])} bytes)")

@@ -12,10 +12,15 @@
  *   qmatmul: bit for bit for the reference variant, within the per-output tolerance of the
  *     file for SIMD variants; and bit for bit identical between 1 and 3 threads;
  *   a few invalid arguments: TZQ_EINVAL;
- *   rng_fill and rng_axpy (add and relative, out of place and in place): bit for bit.
- * The last line is "PASS ..." or "FAIL ..." with counts and y_hash, a hash of every product
+ *   rng_fill and rng_axpy (add and relative, out of place and in place): bit for bit;
+ *   attn_prefill (causal grouped-query attention over a KV cache): every output within the
+ *     file's tolerance of the float64 reference, every output written, bit for bit identical
+ *     between 1 and 3 threads, and kvs too small / hd = 0: TZQ_EINVAL with out untouched.
+ * The last line is "PASS ..." or "FAIL ..." with counts, y_hash, a hash of every product
  * result (the NEON and dotprod variants compute the same exact integer sums with the same float
- * operations, so their hashes must be equal).
+ * operations, so their hashes must be equal), and attn_hash, a hash of every attention output
+ * (every variant, the reference included, computes each dot product in the same order, so this
+ * one must be equal for ref, neon and dotprod).
  * Exit status: 0 all checks passed, 1 a check failed, 2 bad usage or file, 3 the CPU lacks a
  * feature this variant needs (refused, like tinyzq/kernels.py; --force runs it anyway).
  */
@@ -31,6 +36,7 @@
 #define MAGIC_W 0x575A5A54
 #define MAGIC_END 0x444E4554
 #define MAGIC_R 0x52475A54
+#define MAGIC_A 0x4E545441
 #define RNG_A (-3.7e-3f)
 #define MAX_REPORTS 25
 
@@ -39,11 +45,19 @@ static size_t g_len, g_pos;
 static long g_checks, g_failures, g_products, g_exact_products;
 static double g_max_excess; /* max |y - y_ref| / tol over SIMD products (<= 1 passes) */
 static uint64_t g_hash = 1469598103934665603ull; /* FNV-1a of every qmatmul output, in order */
+static uint64_t g_attn_hash = 1469598103934665603ull; /* FNV-1a of every attn_prefill output */
+static long g_attn_runs;
+static double g_attn_max_excess; /* max |out - out_ref| / tol over attention outputs */
+
+static void fnv1a(uint64_t *h, const void *p, size_t n)
+{
+    const uint8_t *b = (const uint8_t *)p;
+    for (size_t i = 0; i < n; i++) *h = (*h ^ b[i]) * 1099511628211ull;
+}
 
 static void hash_bytes(const void *p, size_t n)
 {
-    const uint8_t *b = (const uint8_t *)p;
-    for (size_t i = 0; i < n; i++) g_hash = (g_hash ^ b[i]) * 1099511628211ull;
+    fnv1a(&g_hash, p, n);
 }
 
 static int take(void *dst, size_t n)
@@ -278,6 +292,84 @@ static void run_rng_record(int threads, size_t start)
     free(got);
 }
 
+/* one attention record (see gen_cases.py): tzq_attn_prefill with `threads` threads and with 1 */
+static void run_attn_record(int threads, size_t start)
+{
+    int64_t h[7], B, nkv, g, T, hd, pos0, kvs, nq, nkvb;
+    float *q, *k, *v, *want, tol, *got, *got1;
+    int rc;
+
+    g_pos = start;
+    for (int i = 0; i < 7; i++) h[i] = take_i64();
+    B = h[0]; nkv = h[1]; g = h[2]; T = h[3]; hd = h[4]; pos0 = h[5]; kvs = h[6];
+    nq = B * nkv * g * T * hd;
+    nkvb = B * nkv * kvs;
+    q = (float *)take_arr(sizeof(float) * (size_t)nq);
+    k = (float *)take_arr(sizeof(float) * (size_t)nkvb);
+    v = (float *)take_arr(sizeof(float) * (size_t)nkvb);
+    want = (float *)take_arr(sizeof(float) * (size_t)nq);
+    if (take(&tol, 4) != 0) {
+        fprintf(stderr, "harness: truncated case file at byte %zu\n", g_pos);
+        exit(2);
+    }
+    got = (float *)malloc(sizeof(float) * (size_t)nq);
+    got1 = (float *)malloc(sizeof(float) * (size_t)nq);
+    if (!got || !got1) exit(2);
+
+#define ACHECK(cond, what, detail)                                                                       \
+    do {                                                                                                 \
+        g_checks++;                                                                                      \
+        if (!(cond)) {                                                                                   \
+            g_failures++;                                                                                \
+            if (g_failures <= MAX_REPORTS)                                                               \
+                printf("FAIL %s: threads=%d B=%lld nkv=%lld g=%lld T=%lld hd=%lld pos0=%lld kvs=%lld: %s\n", \
+                       what, threads, (long long)B, (long long)nkv, (long long)g, (long long)T,          \
+                       (long long)hd, (long long)pos0, (long long)kvs, detail);                          \
+        }                                                                                                \
+    } while (0)
+
+    /* with `threads` threads, then single-threaded; outputs start as NaN (0xff bytes): an output the
+       kernel never writes fails the tolerance check */
+    memset(got, 0xff, sizeof(float) * (size_t)nq);
+    tzq_set_threads(threads);
+    rc = tzq_attn_prefill(q, k, v, B, nkv, g, T, hd, pos0, kvs, got);
+    ACHECK(rc == TZQ_OK, "attn_prefill runs", "error code");
+    memset(got1, 0xff, sizeof(float) * (size_t)nq);
+    tzq_set_threads(1);
+    rc = tzq_attn_prefill(q, k, v, B, nkv, g, T, hd, pos0, kvs, got1);
+    tzq_set_threads(threads);
+    ACHECK(rc == TZQ_OK && memcmp(got, got1, sizeof(float) * (size_t)nq) == 0,
+           "attn_prefill same result with 1 thread", diff_detail(got, got1, sizeof(float) * (size_t)nq, 4));
+    g_attn_runs++;
+    if (threads == 1) fnv1a(&g_attn_hash, got, sizeof(float) * (size_t)nq);
+    {
+        double excess = 0.0;
+        g_detail[0] = 0;
+        for (int64_t i = 0; i < nq; i++) {
+            const double e = fabs((double)got[i] - (double)want[i]);
+            const double r = e / tol;
+            if (r > excess || r != r) excess = r != r ? INFINITY : r;
+            if (!(e <= tol)) {
+                snprintf(g_detail, sizeof(g_detail), "out[%lld] = %.9g, reference %.9g, tolerance %.3g",
+                         (long long)i, (double)got[i], (double)want[i], (double)tol);
+                break;
+            }
+        }
+        if (excess > g_attn_max_excess) g_attn_max_excess = excess;
+        ACHECK(excess <= 1.0, "attn_prefill within tolerance of the reference", g_detail);
+    }
+    /* invalid arguments are refused before anything is written */
+    memcpy(got1, got, sizeof(float) * (size_t)nq);
+    rc = tzq_attn_prefill(q, k, v, B, nkv, g, T, hd, pos0, (pos0 + T) * hd - 1, got1);
+    ACHECK(rc == TZQ_EINVAL && memcmp(got1, got, sizeof(float) * (size_t)nq) == 0, "attn_prefill kvs too small",
+           rc == TZQ_EINVAL ? "out written" : "not TZQ_EINVAL");
+    rc = tzq_attn_prefill(q, k, v, B, nkv, g, T, 0, pos0, kvs, got1);
+    ACHECK(rc == TZQ_EINVAL && memcmp(got1, got, sizeof(float) * (size_t)nq) == 0, "attn_prefill hd=0",
+           rc == TZQ_EINVAL ? "out written" : "not TZQ_EINVAL");
+#undef ACHECK
+    free(q); free(k); free(v); free(want); free(got); free(got1);
+}
+
 int main(int argc, char **argv)
 {
     FILE *f;
@@ -288,7 +380,7 @@ int main(int argc, char **argv)
     int force = 0;
     char fs[128], rs[128];
     double t0;
-    size_t nrec = 0, starts[4096], nrng = 0, rstarts[64];
+    size_t nrec = 0, starts[4096], nrng = 0, rstarts[64], nattn = 0, astarts[64];
 
     for (int i = 2; i < argc; i++)
         if (strcmp(argv[i], "--force") == 0) force = 1;
@@ -335,6 +427,21 @@ int main(int argc, char **argv)
             }
             continue;
         }
+        if (magic == MAGIC_A && nattn < sizeof(astarts) / sizeof(astarts[0])) {
+            int64_t h[7];
+            const int64_t lim = (int64_t)1 << 20;
+            astarts[nattn++] = g_pos;
+            for (int i = 0; i < 7; i++) h[i] = take_i64();
+            /* B, nkv, g, T, hd, pos0, kvs: sane and small enough that the sizes cannot overflow */
+            if (h[0] < 1 || h[1] < 1 || h[2] < 1 || h[3] < 1 || h[4] < 1 || h[5] < 0 || h[0] > 64 || h[1] > 64 ||
+                h[2] > 64 || h[3] > lim || h[4] > 4096 || h[5] > lim || h[6] < (h[5] + h[3]) * h[4] ||
+                h[6] > ((int64_t)1 << 32)) {
+                fprintf(stderr, "harness: bad attention record header at byte %zu\n", astarts[nattn - 1]);
+                return 2;
+            }
+            g_pos += (size_t)(8 * h[0] * h[1] * h[2] * h[3] * h[4] + 8 * h[0] * h[1] * h[6] + 4);
+            continue;
+        }
         if (magic != MAGIC_W || nrec == sizeof(starts) / sizeof(starts[0])) {
             fprintf(stderr, "harness: bad record at byte %zu\n", g_pos - 8);
             return 2;
@@ -363,11 +470,14 @@ int main(int argc, char **argv)
         tzq_set_threads(threads);
         for (size_t r = 0; r < nrec; r++) run_record(threads, simd, starts[r]);
         for (size_t r = 0; r < nrng; r++) run_rng_record(threads, rstarts[r]);
+        for (size_t r = 0; r < nattn; r++) run_attn_record(threads, astarts[r]);
     }
-    printf("%s isa=%s records=%zu rng_records=%zu checks=%ld failures=%ld products=%ld exact_products=%ld "
-           "max_err_over_tol=%.3g y_hash=%016llx seconds=%.2f\n",
-           g_failures ? "FAIL" : "PASS", tzq_isa_name(), nrec, nrng, g_checks, g_failures, g_products,
-           g_exact_products, g_max_excess, (unsigned long long)g_hash, now_s() - t0);
+    printf("%s isa=%s records=%zu rng_records=%zu attn_records=%zu checks=%ld failures=%ld products=%ld "
+           "exact_products=%ld max_err_over_tol=%.3g y_hash=%016llx attn_runs=%ld attn_max_err_over_tol=%.3g "
+           "attn_hash=%016llx seconds=%.2f\n",
+           g_failures ? "FAIL" : "PASS", tzq_isa_name(), nrec, nrng, nattn, g_checks, g_failures, g_products,
+           g_exact_products, g_max_excess, (unsigned long long)g_hash, g_attn_runs, g_attn_max_excess,
+           (unsigned long long)g_attn_hash, now_s() - t0);
     free(buf);
     return g_failures ? 1 : 0;
 }
