@@ -59,6 +59,7 @@ from tinyzq.quant import packing as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(HERE))  # tests/: the NumPy reference of csrc/rng.c
 from rng_reference import ref_z  # noqa: E402
+from attn_reference import reference as attention_reference  # noqa: E402
 
 MAGIC_W = 0x575A5A54  # "TZZW"
 MAGIC_END = 0x444E4554  # "TEND"
@@ -184,21 +185,6 @@ def activations(rng, n, cols, variant):
     if variant % 5 == 2:
         x[-1] *= np.float32(1e-39 / 100)  # subnormal block maxima: 1/d overflows
     return x
-
-
-def attention_reference(q, k, v, pos0):
-    """float64 causal softmax(q.K^T) V, one query position at a time (as tests/test_attention.py);
-    returns (out, max |q.k| over the visible keys)."""
-    B, nkv, g, T, hd = q.shape
-    out, smax = np.zeros(q.shape, np.float64), 0.0
-    for t in range(T):
-        S = pos0 + t + 1  # keys 0 .. pos0+t are visible
-        s = np.einsum("bkgd,bksd->bkgs", q[:, :, :, t].astype(np.float64), k[:, :, :S].astype(np.float64))
-        smax = max(smax, float(np.abs(s).max()))
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        out[:, :, :, t] = np.einsum("bkgs,bksd->bkgd", p, v[:, :, :S].astype(np.float64))
-    return out, smax
 
 
 def attention_inputs(rng, B, nkv, g, T, hd, pos0, extra, scale):
