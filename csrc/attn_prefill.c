@@ -153,6 +153,22 @@ static void pv_block(const float *p, int64_t lds, const float *v, int64_t hd, in
 #endif
 }
 
+/* tile rows are head-major: row r of the tile starting at t0 (n positions) is head r / n at position
+   t0 + r % n; it sees keys 0 .. pos0 + t0 + r % n */
+static int64_t row_offset(const ap_job *a, int64_t t0, int64_t n, int64_t r)
+{
+    return ((r / n) * a->T + t0 + r % n) * a->hd;
+}
+
+/* the most keys any real row of the register block r0 .. r0+RB-1 sees (rows >= rows are padding) */
+static int64_t block_vis(const ap_job *a, int64_t t0, int64_t n, int64_t r0, int64_t rows)
+{
+    int64_t vis = 0;
+    for (int64_t r = r0; r < r0 + TZQ_AP_RB && r < rows; r++)
+        if (a->pos0 + t0 + r % n + 1 > vis) vis = a->pos0 + t0 + r % n + 1;
+    return vis;
+}
+
 static void ap_range(void *ctx, int64_t i0, int64_t i1)
 {
     ap_job *a = (ap_job *)ctx;
@@ -161,7 +177,7 @@ static void ap_range(void *ctx, int64_t i0, int64_t i1)
     const int64_t rows_max = (g * TZQ_AP_TILE + RB - 1) / RB * RB;
     /* scores [rows_max, ldk] | a zero query row */
     float *buf = (float *)malloc(sizeof(float) * (size_t)(rows_max * ldk + hd));
-    const float **qr = (const float **)malloc(sizeof(float *) * (size_t)rows_max);
+    const float **qr = (const float **)malloc(sizeof(float *) * (size_t)RB);
     if (!buf || !qr) {
         __atomic_store_n(&a->error, TZQ_ENOMEM, __ATOMIC_RELAXED);
         free(buf);
@@ -173,37 +189,28 @@ static void ap_range(void *ctx, int64_t i0, int64_t i1)
     for (int64_t it = i0; it < i1; it++) {
         const int64_t grp = it / a->tiles, t0 = (it % a->tiles) * TZQ_AP_TILE;
         const int64_t n = T - t0 < TZQ_AP_TILE ? T - t0 : TZQ_AP_TILE, rows = g * n;
-        const int64_t rows_p = (rows + RB - 1) / RB * RB, S1 = a->pos0 + t0 + n;
-        const int64_t S1p = (S1 + CB - 1) / CB * CB;
+        const int64_t S1p = (a->pos0 + t0 + n + CB - 1) / CB * CB; /* keys seen by the tile, padded */
         const float *kpg = a->kp + grp * a->kblocks * hd * CB, *vg = a->v + grp * a->kvs;
         const float *qg = a->q + grp * g * T * hd;
         float *og = a->out + grp * g * T * hd;
-        for (int64_t r = 0; r < rows_p; r++) /* row r = head r / n, position t0 + r % n */
-            qr[r] = r < rows ? qg + ((r / n) * T + t0 + r % n) * hd : zero;
-        for (int64_t r0 = 0; r0 < rows_p; r0 += RB) {
-            int64_t vis = 0; /* the most keys any row of the block sees */
-            for (int64_t r = r0; r < r0 + RB && r < rows; r++)
-                if (a->pos0 + t0 + r % n + 1 > vis) vis = a->pos0 + t0 + r % n + 1;
-            for (int64_t j0 = 0; j0 < vis; j0 += CB) qk_block(qr + r0, kpg + j0 * hd, hd, sc + r0 * ldk + j0, ldk);
+        for (int64_t r = 0; r < rows; r += RB) { /* scores; padding rows multiply the zero row */
+            const int64_t vis = block_vis(a, t0, n, r, rows);
+            for (int64_t rr = r; rr < r + RB; rr++) qr[rr - r] = rr < rows ? qg + row_offset(a, t0, n, rr) : zero;
+            for (int64_t j0 = 0; j0 < vis; j0 += CB) qk_block(qr, kpg + j0 * hd, hd, sc + r * ldk + j0, ldk);
         }
         for (int64_t r = 0; r < rows; r++) causal_softmax_row(sc + r * ldk, a->pos0 + t0 + r % n + 1, S1p);
-        for (int64_t r0 = 0; r0 < rows_p; r0 += RB) {
-            float *o[TZQ_AP_RB];
-            int64_t vis = 0;
-            for (int64_t r = r0; r < r0 + RB && r < rows; r++)
-                if (a->pos0 + t0 + r % n + 1 > vis) vis = a->pos0 + t0 + r % n + 1;
-            if (r0 >= rows) break;
+        for (int64_t r0 = 0; r0 < rows; r0 += RB) { /* times V: masked weights are exactly 0 */
+            const int64_t vis = block_vis(a, t0, n, r0, rows);
             for (int64_t c0 = 0; c0 < hd; c0 += CB) {
                 if (c0 + CB <= hd) {
-                    for (int64_t r = 0; r < RB; r++) {
-                        const int64_t rr = r0 + r;
-                        o[r] = rr < rows ? og + ((rr / n) * T + t0 + rr % n) * hd + c0 : NULL;
-                    }
+                    float *o[TZQ_AP_RB];
+                    for (int64_t r = 0; r < RB; r++)
+                        o[r] = r0 + r < rows ? og + row_offset(a, t0, n, r0 + r) + c0 : NULL;
                     pv_block(sc + r0 * ldk, ldk, vg + c0, hd, vis, o);
                     continue;
                 }
                 for (int64_t rr = r0; rr < r0 + RB && rr < rows; rr++) { /* head-dimension tail, same order */
-                    float *dst = og + ((rr / n) * T + t0 + rr % n) * hd;
+                    float *dst = og + row_offset(a, t0, n, rr);
                     for (int64_t c = c0; c < hd; c++) {
                         float acc = 0.0f;
                         for (int64_t t = 0; t < vis; t++) acc += sc[rr * ldk + t] * vg[t * hd + c];

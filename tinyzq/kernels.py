@@ -499,7 +499,11 @@ class Kernels:
                 _err(f"{name} must have unit stride along its last axis and evenly strided rows")
         if rs < w and n > 1:
             _err(f"{name}: rows overlap")
-        return self.ffi.cast("float *", a.__array_interface__["data"][0]), n, w, rs
+        return self._addr(a), n, w, rs
+
+    def _addr(self, a: np.ndarray):
+        """float * to a float32 array's first element, also for strided views (which from_buffer refuses)."""
+        return self.ffi.cast("float *", a.__array_interface__["data"][0])
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float, out=None) -> np.ndarray:
         """x / sqrt(mean(x**2, -1) + eps) * w over the last axis (float32; out may be x)."""
@@ -546,23 +550,22 @@ class Kernels:
         q = _arr(q, "q", np.float32, 5)
         B, nkv, g, T, hd = q.shape
         S = pos0 + T
-        kvs = None
         for name, a in (("k", k), ("v", v)):
             if not isinstance(a, np.ndarray) or a.dtype != _F32 or a.shape != (B, nkv, S, hd):
                 _err(f"attn_prefill: {name} must be float32 [{B}, {nkv}, {S}, {hd}], got "
                      f"{getattr(a, 'shape', type(a).__name__)}")
             st = a.strides
-            if st[3] != 4 or st[2] != 4 * hd or st[1] % 4 or st[0] != st[1] * nkv or (kvs or st[1] // 4) != st[1] // 4:
+            if st[3] != 4 or st[2] != 4 * hd or st[1] % 4 or st[0] != st[1] * nkv or st[1] != k.strides[1]:
                 _err(f"attn_prefill: {name} must have contiguous rows of {hd} and (batch, head) groups evenly "
                      "strided like k's (a C-contiguous array or a prefix view of a KV cache)")
-            kvs = st[1] // 4
+        kvs = k.strides[1] // 4  # floats between (batch, KV head) groups
         if kvs < S * hd:
             _err("attn_prefill: k/v groups overlap")
         out = np.empty(q.shape, np.float32) if out is None else _arr(out, "out", np.float32, 5)
         if out.shape != q.shape:
             _err(f"attn_prefill: out must have shape {q.shape}")
-        ptr = lambda a: self.ffi.cast("float *", a.__array_interface__["data"][0])  # noqa: E731
-        self._check(self.lib.tzq_attn_prefill(ptr(q), ptr(k), ptr(v), B, nkv, g, T, hd, int(pos0), kvs, ptr(out)),
+        p = self._addr
+        self._check(self.lib.tzq_attn_prefill(p(q), p(k), p(v), B, nkv, g, T, hd, int(pos0), kvs, p(out)),
                     "attn_prefill")
         return out
 

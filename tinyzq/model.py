@@ -87,10 +87,11 @@ def _causal_gqa(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int, K=None) 
     pos0..pos0+T-1; k, v [B, nkv, S, hd] for positions 0..S-1. Returns [B, nkv, g, T, hd].
 
     With the C kernels (K) this is one call to csrc/attn_prefill.c. The NumPy path below is the
-    fall-back and the tests' reference: queries go in blocks of ATTN_QBLOCK: a block only multiplies the keys its last query can see (about
-    half the work of the full square for a long prompt) and its scores stay cache-sized. Within a block
-    the g query heads of one KV head are stacked as g*t rows against its keys, so every product is one
-    plain batched gemm (no broadcast strides, which defeat BLAS)."""
+    fall-back and the tests' reference. Its queries go in blocks of ATTN_QBLOCK: a block only multiplies
+    the keys its last query can see (about half the work of the full square for a long prompt) and its
+    scores stay cache-sized. Within a block the g query heads of one KV head are stacked as g*t rows
+    against its keys, so every product is one plain batched gemm (no broadcast strides, which defeat
+    BLAS)."""
     B, nkv, g, T, hd = q.shape
     if K is not None:  # csrc/attn_prefill.c: scores, mask, softmax and the product with V in one call
         return K.attn_prefill(np.ascontiguousarray(q), _kv_rows(k), _kv_rows(v), pos0)
