@@ -158,6 +158,36 @@ def test_kd_from_cached_teacher(tiny_w3, tiny_hf_dir, tmp_path):
     assert r["steps"] == 2 and all(np.isfinite(x["loss"]) for x in _steps(out))
 
 
+def _log_softmax(z):
+    z = z.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def test_kd_loss_is_kl_over_teacher_topk_and_the_rest(tiny_w3):
+    """kd_loss = (1 − α)·CE + α·KL over the teacher's top-k tokens plus one bucket for the remaining
+    mass, against full-vocabulary log-softmaxes in NumPy; it is 0 when the student is the teacher (a
+    top-k renormalised teacher would instead pull the student's mass into its top k)."""
+    m = tinyzq.load(tiny_w3)
+    tok = windows(trainmod.load_texts(m.tokenizer, None)[0], 32)[:2]
+    k = 4
+    ls = _log_softmax(m.net.logits(m.net.hidden(tok)[:, :-1]))        # student [B, T-1, V]
+    top = np.argsort(-ls, axis=-1)[..., :k]
+    t_lp = np.take_along_axis(ls, top, axis=-1).astype(np.float32)     # teacher = the student itself
+    assert abs(trainmod.kd_loss(m.net, tok, top, t_lp, 1.0)) < 1e-5
+    # a different teacher: its log-probs from shifted logits of the same model
+    lt = _log_softmax(m.net.logits(m.net.hidden(tok)[:, :-1]) * 1.7)
+    top = np.argsort(-lt, axis=-1)[..., :k]
+    t_lp = np.take_along_axis(lt, top, axis=-1)
+    pt, ps = np.exp(t_lp), np.exp(np.take_along_axis(ls, top, axis=-1))
+    rt, rs = 1 - pt.sum(-1), 1 - ps.sum(-1)
+    kl = (pt * (t_lp - np.log(ps))).sum(-1) + rt * (np.log(rt) - np.log(rs))
+    ce = -np.take_along_axis(ls, tok[:, 1:, None], axis=-1).mean()
+    for alpha in (0.0, 0.3, 1.0):
+        got = trainmod.kd_loss(m.net, tok, top, t_lp.astype(np.float32), alpha)
+        assert got == pytest.approx((1 - alpha) * ce + alpha * kl.mean(), rel=1e-4, abs=1e-6)
+
+
 def test_chat_jsonl_text(tiny_w3, tmp_path):
     f = tmp_path / "chat.jsonl"
     rec = {"messages": [{"role": "user", "content": "What is a list in Python? " * 8},
