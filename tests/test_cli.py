@@ -55,6 +55,11 @@ def test_quantize_eval_generate_roundtrip(tiny_hf_dir, text_file, tmp_path):
     g2 = run("generate", out, "--prompt", "The list", "-n", 8).stdout
     assert g1 == g2 and len(g1) > 1  # greedy is deterministic
     run("generate", out, "--prompt", "hi", "-n", 4, "--chat", "--temperature", 0.8, "--seed", 1)
+    # the repetition penalty reaches the sampler: greedy repeats one token here, a penalty stops that
+    g3 = run("generate", out, "--prompt", "The list", "-n", 8, "--repeat-penalty", 3, "--repeat-last-n", 4).stdout
+    assert g3 != g1
+    assert_one_line_error(run("generate", out, "--prompt", "x", "--repeat-penalty", 0, ok=False), "--repeat-penalty")
+    assert_one_line_error(run("generate", out, "--prompt", "x", "--repeat-last-n", 0, ok=False), "--repeat-last-n")
     info = run("info", out).stdout
     assert "isa:" in info and "bits: 4" in info
 

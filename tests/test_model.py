@@ -117,6 +117,48 @@ def test_greedy_generation_matches_transformers_generate():
     assert list(generate_ids(net, prompt, max_new_tokens=10)) == ref
 
 
+def test_repetition_penalty_matches_transformers():
+    """Greedy with the CTRL penalty over all tokens == transformers' generate(repetition_penalty=...);
+    the penalised logits == its RepetitionPenaltyLogitsProcessor."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from tinyzq.generate import penalize_repeats
+
+    m = hf_model("llama")
+    net = ours(m)
+    prompt = [3, 99, 12, 250, 3, 3]
+    for pen in (1.3, 0.8):
+        with torch.no_grad():
+            ref = m.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, repetition_penalty=pen)[0, len(prompt):].tolist()
+        assert list(generate_ids(net, prompt, 12, repeat_penalty=pen, repeat_last_n=-1)) == ref
+        if pen < 1:  # this random model never repeats greedily; a penalty < 1 makes it (a visible change)
+            assert ref != list(generate_ids(net, prompt, 12))
+        z = np.random.default_rng(1).standard_normal(300).astype(np.float32)
+        ids = [5, 7, 7, 250, 0]
+        want = RepetitionPenaltyLogitsProcessor(pen)(torch.tensor([ids]), torch.tensor(z[None]))[0].numpy()
+        np.testing.assert_allclose(penalize_repeats(z, ids, pen), want, rtol=1e-6)
+
+
+def test_repetition_penalty_window_equals_recompute():
+    """repeat_last_n = k penalises exactly the last k tokens of prompt + answer (checked without a cache)."""
+    from tinyzq.generate import penalize_repeats
+
+    net = ours(hf_model("llama"))
+    prompt, k, pen = [1, 2, 3, 4, 5, 6], 4, 0.5  # < 1 favours the window's tokens: the window shows
+    got = list(generate_ids(net, prompt, 10, repeat_penalty=pen, repeat_last_n=k))
+    assert got != list(generate_ids(net, prompt, 10, repeat_penalty=pen, repeat_last_n=-1))
+    seq = list(prompt)
+    for _ in range(10):
+        z = net.logits(net.hidden(np.asarray([seq]))[0, -1])
+        seq.append(int(np.argmax(penalize_repeats(z, seq[-k:], pen))))
+    assert got == seq[len(prompt):]
+    with pytest.raises(ValueError, match="repeat_last_n"):
+        list(generate_ids(net, prompt, 2, repeat_penalty=pen, repeat_last_n=0))
+    with pytest.raises(ValueError, match="repeat_penalty"):
+        list(generate_ids(net, prompt, 2, repeat_penalty=0.0))
+
+
 def test_sampling_is_seeded_and_respects_top_p():
     net = ours(hf_model("llama"))
     a = list(generate_ids(net, [1, 2, 3], 15, temperature=1.0, top_p=0.9, seed=7))

@@ -39,14 +39,21 @@ class Model:
         return ids
 
     def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, chat: bool = False) -> Iterator[str]:
-        """Yield the answer as text pieces while it is generated."""
+               seed: int | None = None, chat: bool = False, repeat_penalty: float = 1.0,
+               repeat_last_n: int = 64) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated (repeat_penalty 1 = none; > 1 makes the
+        last repeat_last_n tokens, −1 = all, less likely: CTRL's penalty, as in llama.cpp)."""
         from .generate import generate_ids, stream_text
 
         ids = self.encode_prompt(prompt, chat)
         if len(ids) >= self.cfg.max_position_embeddings:
             raise TinyzqError(f"the prompt has {len(ids)} tokens; the model's context is {self.cfg.max_position_embeddings}")
-        gen = generate_ids(self.net, ids, max_new_tokens, temperature, top_p, seed, stop_ids=self.tokenizer.eos_ids)
+        if not repeat_penalty > 0:
+            raise TinyzqError(f"--repeat-penalty must be > 0, not {repeat_penalty}")
+        if repeat_last_n != -1 and repeat_last_n < 1:
+            raise TinyzqError(f"--repeat-last-n must be >= 1 or -1 (all tokens), not {repeat_last_n}")
+        gen = generate_ids(self.net, ids, max_new_tokens, temperature, top_p, seed, stop_ids=self.tokenizer.eos_ids,
+                           repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
         yield from stream_text(self.tokenizer, gen)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, **kw) -> str:

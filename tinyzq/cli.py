@@ -156,7 +156,7 @@ def cmd_generate(args):
 
     m = api.load(args.model)
     for piece in m.stream(args.prompt, args.n, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                          chat=args.chat):
+                          chat=args.chat, repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=_positive(float), default=1.0)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    s.add_argument("--repeat-penalty", type=_positive(float), default=1.0,
+                   help="> 1 makes recent tokens less likely (1 = off; 1.1-1.3 stops small models looping)")
+    s.add_argument("--repeat-last-n", type=int, default=64,
+                   help="how many recent tokens (prompt included) the penalty sees; -1 = all")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("train", help="zeroth-order QAT of a packed model (forward passes only)")
