@@ -158,6 +158,39 @@ def test_kd_from_cached_teacher(tiny_w3, tiny_hf_dir, tmp_path):
     assert r["steps"] == 2 and all(np.isfinite(x["loss"]) for x in _steps(out))
 
 
+def test_split_pass_is_bit_identical(tiny_w3):
+    """hidden(stop=i) then hidden(resume=(i, x)) == one pass, bit for bit, for every split point."""
+    m = tinyzq.load(tiny_w3)
+    tok = windows(trainmod.load_texts(m.tokenizer, None)[0], 32)[:2]
+    full = m.net.hidden(tok)
+    for i in range(len(m.net.layers) + 1):
+        x = m.net.hidden(tok, stop=i)
+        assert np.array_equal(m.net.hidden(tok, resume=(i, x)), full), i
+    assert trainmod.nll_loss(m.net, tok, (1, m.net.hidden(tok, stop=1))) == trainmod.nll_loss(m.net, tok)
+    with pytest.raises(ValueError, match="cache"):
+        from tinyzq.model import KVCache
+        m.net.hidden(tok, KVCache(m.cfg, 2, 64), stop=1)
+
+
+def test_layer_subsets_share_the_unperturbed_prefix_exactly(tiny_w3, tmp_path, monkeypatch):
+    """With --layers-per-step the + and − passes start from one shared pass through the layers below the
+    first perturbed one; the logged losses equal those of full passes exactly."""
+    calls = []
+    real = trainmod.nll_loss
+
+    def spy(net, tok, resume=None):
+        calls.append(resume is not None)
+        return real(net, tok, resume)
+
+    monkeypatch.setattr(trainmod, "nll_loss", spy)
+    tinyzq.train(tiny_w3, str(tmp_path / "a"), steps=4, layers_per_step=1, **FAST)
+    assert any(calls)  # the shared prefix was used
+    monkeypatch.setattr(trainmod, "nll_loss", lambda net, tok, resume=None: real(net, tok))  # full passes
+    tinyzq.train(tiny_w3, str(tmp_path / "b"), steps=4, layers_per_step=1, **FAST)
+    key = lambda r: (r["step"], r["layers"], r["loss_plus"], r["loss_minus"])  # noqa: E731
+    assert [key(r) for r in _steps(str(tmp_path / "a"))] == [key(r) for r in _steps(str(tmp_path / "b"))]
+
+
 def _log_softmax(z):
     z = z.astype(np.float64)
     z = z - z.max(axis=-1, keepdims=True)

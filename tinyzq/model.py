@@ -231,8 +231,14 @@ class Transformer:
         return [p(h) for p in parts]
 
     # --- the forward pass -------------------------------------------------------------------------
-    def hidden(self, tokens: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
-        """Final-normed hidden states [B, T, d] for int tokens [B, T] (appended to `cache` if given)."""
+    def hidden(self, tokens: np.ndarray, cache: KVCache | None = None, *, stop: int | None = None,
+               resume: tuple | None = None) -> np.ndarray:
+        """Final-normed hidden states [B, T, d] for int tokens [B, T] (appended to `cache` if given).
+
+        Split passes (no cache): `stop=i` returns the residual stream entering layer i (no final norm);
+        `resume=(i, x)` continues from that stream. The two halves run the very same operations as one
+        pass, so the result is bit-identical; the ZO trainer shares the first half between its + and −
+        passes when it perturbs only layers >= i."""
         tokens = np.asarray(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -242,19 +248,27 @@ class Transformer:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {pos0 + T} needed")
         ang = np.arange(pos0, pos0 + T, dtype=np.float64)[:, None] * self.inv_freq[None, :]
         cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-        x = self.embed.take(tokens.reshape(-1).astype(np.int64)).reshape(B, T, -1).astype(np.float32, copy=False)
+        first, last = 0, len(self.layers) if stop is None else stop
+        if (stop is not None or resume is not None) and cache is not None:
+            raise ValueError("split passes (stop/resume) take no KV cache")
+        if resume is not None:
+            first, x = resume
+            if x.shape[:2] != (B, T):
+                raise ValueError(f"resume stream has shape {x.shape}, tokens {tokens.shape}")
+        else:
+            x = self.embed.take(tokens.reshape(-1).astype(np.int64)).reshape(B, T, -1).astype(np.float32, copy=False)
         K = _kernels()
         fast = cache is not None and T == 1 and K is not None
         eps = self.cfg.rms_norm_eps
         norm = (lambda a, w: K.rms_norm(a, w, eps)) if K is not None else (lambda a, w: rms_norm(a, w, eps))
-        layers = self.layers
+        layers = list(enumerate(self.layers))[first:last]
         if fast:
             from .decode import decode_layers  # every layer in one C call when the model fits it
 
             xc = decode_layers(self, x, cos, sin, cache, pos0, K)
             if xc is not None:
                 x, layers = xc, ()
-        for i, layer in enumerate(layers):
+        for i, layer in layers:
             h = norm(x, layer.attn_norm)
             if fast:
                 x = x + self._attention_decode(i, layer, h, cos, sin, cache, pos0, K)
@@ -265,6 +279,8 @@ class Transformer:
             x = x + layer.down(K.silu_mul(g, u) if K is not None else silu(g) * u)
         if cache is not None:
             cache.length = pos0 + T
+        if stop is not None:
+            return x
         return norm(x, self.norm)
 
     def _attention(self, i, layer, h, cos, sin, cache, pos0, K=None):
@@ -332,9 +348,10 @@ class Transformer:
             run_max = m
         return run_max + np.log(run_sum) - target_logit
 
-    def sequence_nll(self, tokens: np.ndarray) -> tuple[float, int]:
-        """Summed next-token NLL and prediction count over a batch of windows [B, T] (no carried context)."""
+    def sequence_nll(self, tokens: np.ndarray, resume: tuple | None = None) -> tuple[float, int]:
+        """Summed next-token NLL and prediction count over a batch of windows [B, T] (no carried context).
+        `resume`: continue from a residual stream, as in `hidden`."""
         tokens = np.atleast_2d(tokens)
-        h = self.hidden(tokens)
+        h = self.hidden(tokens, resume=resume)
         nll = self.token_nll(h[:, :-1], tokens[:, 1:])
         return float(nll.sum()), int(nll.size)

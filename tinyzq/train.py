@@ -146,9 +146,10 @@ def batch_indices(seed: int, step: int, n_windows: int, batch: int) -> np.ndarra
 
 
 # ------------------------------------------------------------------------------------------ losses
-def nll_loss(net, tokens: np.ndarray) -> float:
-    """Mean next-token NLL of windows [B, T]: exactly what `Model.perplexity` / eval computes."""
-    nll, n = net.sequence_nll(tokens)
+def nll_loss(net, tokens: np.ndarray, resume: tuple | None = None) -> float:
+    """Mean next-token NLL of windows [B, T]: exactly what `Model.perplexity` / eval computes
+    (`resume`: from a residual stream, see `Transformer.hidden`; the same bits)."""
+    nll, n = net.sequence_nll(tokens, resume)
     return nll / n
 
 
@@ -213,7 +214,8 @@ class TeacherCache:
         gc.collect()
 
 
-def kd_loss(net, tokens: np.ndarray, t_ids: np.ndarray, t_logp: np.ndarray, alpha: float) -> float:
+def kd_loss(net, tokens: np.ndarray, t_ids: np.ndarray, t_logp: np.ndarray, alpha: float,
+            resume: tuple | None = None) -> float:
     """(1 − α)·CE + α·KL(teacher ‖ student) per token, over the teacher's top-k tokens plus one bucket
     for the rest of the vocabulary (teacher: 1 − its top-k mass; student: 1 − its mass on those ids).
     The bucket keeps KL's minimum at student = teacher; renormalising the teacher's top-k instead
@@ -222,7 +224,7 @@ def kd_loss(net, tokens: np.ndarray, t_ids: np.ndarray, t_logp: np.ndarray, alph
     The student's log-probs at the teacher's ids come from the same hidden states and lm_head rows
     (gathered through the kernels) as its cross-entropy; [tokens, vocab] logits are never formed."""
     B, T = tokens.shape
-    h = net.hidden(tokens)[:, :-1].reshape(-1, net.cfg.hidden_size)
+    h = net.hidden(tokens, resume=resume)[:, :-1].reshape(-1, net.cfg.hidden_size)
     h = np.ascontiguousarray(h, dtype=np.float32)
     targets = tokens[:, 1:].reshape(-1)
     nll = net.token_nll(h, targets)
@@ -396,10 +398,14 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
     layers_all = params.layers
     n_layers_step = cfg.layers_per_step if 0 < cfg.layers_per_step < len(layers_all) else 0
 
-    def loss_fn(tok, idx):
+    def loss_fn(tok, idx, layers):
+        # Layers below the first perturbed one are the same in the + and − passes: run them once, before
+        # perturbing (bit-identical to full passes, see Transformer.hidden), and resume both passes there.
+        first = min(layers) if layers else 0
+        resume = (first, model.net.hidden(tok, stop=first)) if first > 0 else None
         if teacher is None:
-            return lambda sign: nll_loss(model.net, tok)
-        return lambda sign: kd_loss(model.net, tok, teacher.ids[idx], teacher.logp[idx], cfg.kd_alpha)
+            return lambda sign: nll_loss(model.net, tok, resume)
+        return lambda sign: kd_loss(model.net, tok, teacher.ids[idx], teacher.logp[idx], cfg.kd_alpha, resume)
 
     def validate():
         t0 = time.perf_counter()
@@ -453,7 +459,7 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                 if n_layers_step:
                     rng = np.random.default_rng([cfg.seed, t, 0x1A7E5])
                     layers = sorted(rng.choice(layers_all, size=n_layers_step, replace=False).tolist())
-                lf = loss_fn(tok, idx)
+                lf = loss_fn(tok, idx, layers)
                 if t == _SIGKILL_AT_STEP:
                     lf = _die_on_second_call(lf)
                 probes = spsa.estimate(params, lf, cfg.seed, t, cfg.eps, cfg.n_dirs, cfg.dist, layers)
