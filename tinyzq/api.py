@@ -48,10 +48,6 @@ class Model:
         ids = self.encode_prompt(prompt, chat)
         if len(ids) >= self.cfg.max_position_embeddings:
             raise TinyzqError(f"the prompt has {len(ids)} tokens; the model's context is {self.cfg.max_position_embeddings}")
-        if not repeat_penalty > 0:
-            raise TinyzqError(f"--repeat-penalty must be > 0, not {repeat_penalty}")
-        if repeat_last_n != -1 and repeat_last_n < 1:
-            raise TinyzqError(f"--repeat-last-n must be >= 1 or -1 (all tokens), not {repeat_last_n}")
         gen = generate_ids(self.net, ids, max_new_tokens, temperature, top_p, seed, stop_ids=self.tokenizer.eos_ids,
                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
         yield from stream_text(self.tokenizer, gen)

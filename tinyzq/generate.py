@@ -49,9 +49,9 @@ def generate_ids(net, prompt_ids: list[int], max_new_tokens: int = 128, temperat
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")
     if not repeat_penalty > 0:
-        raise ValueError(f"repeat_penalty must be > 0, not {repeat_penalty}")
+        raise ValueError(f"repeat_penalty (--repeat-penalty) must be > 0, not {repeat_penalty}")
     if repeat_last_n != -1 and repeat_last_n < 1:
-        raise ValueError(f"repeat_last_n must be >= 1 or -1 (all tokens), not {repeat_last_n}")
+        raise ValueError(f"repeat_last_n (--repeat-last-n) must be >= 1 or -1 (all tokens), not {repeat_last_n}")
     history = list(prompt_ids)
     limit = net.cfg.max_position_embeddings
     max_len = min(len(prompt_ids) + max_new_tokens, limit)

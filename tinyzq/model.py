@@ -261,7 +261,7 @@ class Transformer:
         fast = cache is not None and T == 1 and K is not None
         eps = self.cfg.rms_norm_eps
         norm = (lambda a, w: K.rms_norm(a, w, eps)) if K is not None else (lambda a, w: rms_norm(a, w, eps))
-        layers = list(enumerate(self.layers))[first:last]
+        layers = zip(range(first, last), self.layers[first:last])
         if fast:
             from .decode import decode_layers  # every layer in one C call when the model fits it
 
