@@ -33,7 +33,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 UNITY_SOURCES = ["cpu.c", "threads.c", "pack.c", "qgemm_ref.c", "qgemm_x86.c", "qgemm_arm.c", "rng.c", "membw.c", "attn.c",
-                 "decode.c", "ops.c", "attn_prefill.c"]
+                 "decode.c", "ops.c", "attn_prefill.c", "gemm16.c"]
 HEADERS = ["tinyzq.h", "tzq_internal.h"]
 
 _BASE_FLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fvisibility=hidden"]

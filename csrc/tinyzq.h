@@ -90,6 +90,14 @@ int tzq_quantize_activations(const float *x, int64_t n, int64_t cols, int8_t *xi
 int tzq_qmatmul(const float *x, int64_t n,
                 const uint8_t *codes, const float *scales, const float *zeros,
                 int64_t rows, int64_t cols, int bits, int group, float *y);
+/* ---- gemm16.c: the many-row product with int16 activations (prefill, evaluation, training) ---- */
+/* y float32 [n, rows] = x float32 [n, cols] . W^T with x quantized to int16 per row and group
+   (docs/FORMAT.md, "int16-activation product"); bit-identical in every module. TZQ_EINVAL also
+   when group * 2^(bits-1) * 32767 >= 2^31 (the int32 sums could overflow). */
+int tzq_gemm16(const float *x, int64_t n, const uint8_t *codes, const float *scales, const float *zeros,
+               int64_t rows, int64_t cols, int bits, int group, float *y);
+/* 1 if this module's tzq_gemm16 is a SIMD kernel faster than fp32 BLAS (AVX-512 VNNI), else 0 */
+int tzq_gemm16_fast(void);
 /* ---- membw.c: memory bandwidth probe (tinyzq bench) ---- */
 /* reads all n bytes of buf once on the thread pool; returns the wrapping sum of its 64-bit words */
 uint64_t tzq_stream_read(const uint8_t *buf, int64_t n);

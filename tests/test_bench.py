@@ -38,7 +38,8 @@ def test_bench_json_keys_and_consistency(bench_json):
         assert isinstance(r[k], float) or isinstance(r[k], int), k
         assert r[k] > 0, k
     assert r["settings"] == {"threads": 2, "repeats": 1, "decode_prompt_tokens": 16, "new_tokens": 6,
-                             "prompt_tokens": 40, "train_batch": 2, "train_ctx": 24}
+                             "prompt_tokens": 40, "train_batch": 2, "train_ctx": 24,
+                             "many_row_product": "int16" if kernels.get().gemm16_fast else "fp32"}
     assert r["machine"]["threads"] == 2 and r["machine"]["isa"] in kernels.available_isas()
     assert math.isclose(r["decode_bandwidth_fraction"],
                         r["weight_bytes_per_token"] * r["decode_tok_s"] / (r["bandwidth_gb_s"] * 1e9), rel_tol=1e-9)
@@ -48,7 +49,8 @@ def test_bench_json_keys_and_consistency(bench_json):
     for k in KEYS + ("decode_bandwidth_fraction", "weight_bytes_per_token"):
         assert fp[k] > 0, k
         assert math.isclose(r["ratios"]["numpy_fp32"][k], r[k] / fp[k], rel_tol=1e-9) if k in KEYS else True
-    # the fp32 reference runs the same weights, dequantized: same loss (training forward dequantizes too), 4x bytes
+    # the fp32 reference runs the same weights, dequantized: the same loss up to the int16 activation rounding
+    # of our training forward (where it runs the int16 product; exactly the same otherwise), 4x bytes
     assert math.isclose(r["train_forward_loss"], fp["train_forward_loss"], rel_tol=1e-4)
     assert fp["weight_bytes_per_token"] > 2 * r["weight_bytes_per_token"]
     # the tiny model comes from a HF directory: no GGUF for llama.cpp

@@ -138,6 +138,10 @@ def test_forward_with_c_ops_matches_numpy_forward(which, tiny_hf_dir, tiny_w3, m
 
     net = api.load(tiny_hf_dir if which == "float" else tiny_w3).net
     monkeypatch.setattr(M, "ATTN_QBLOCK", 16)  # several query blocks, masks with offsets
+    # fp32 linears: with int16 activations the ops' 1e-7 differences flip roundings in the prefix, and
+    # the int8 decode of the continuation amplifies those to ~1e-3 (rounding, not the ops under test)
+    from tinyzq.quant import packed
+    monkeypatch.setattr(packed, "PREFILL", "fp32")
     toks = np.random.default_rng(0).integers(0, net.cfg.vocab_size, size=(2, 40))
     def run():
         h = net.hidden(toks)

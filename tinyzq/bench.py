@@ -15,6 +15,7 @@ References, same phases, same threads, same token ids:
 - llama_cpp:  llama.cpp through llama-cpp-python (optional extra `tinyzq[bench]`) on the model's
   original GGUF (quant.json's `source`, or --gguf), when importable; skipped with a reason otherwise.
 Ratios are ours / reference. The JSON is written atomically. Tests never assert on timings.
+settings.many_row_product says whether our prefill/train-forward linears ran the int16 product or fp32 BLAS.
 """
 from __future__ import annotations
 
@@ -283,6 +284,16 @@ def _find_gguf(model_path: str, meta: dict, given: str | None):
     return None, "the model's source is not a GGUF file (give one with --gguf)"
 
 
+def _many_row_product(meta: dict) -> str:
+    """Which product our prefill/train-forward linears use (quant/packed.py PREFILL): int16 or fp32."""
+    from .quant import packed
+
+    bits, group = meta.get("bits"), meta.get("group")
+    if bits not in (2, 3, 4, 8) or not group:
+        return "fp32"  # a float model: no packed linears
+    return "int16" if packed.use_gemm16(int(bits), int(group)) else "fp32"
+
+
 def _summary(phases: dict) -> dict:
     s = {k: phases[p][k] for p, k in (("decode", "decode_tok_s"), ("prefill", "prefill_tok_s"),
                                        ("train_forward", "train_forward_tok_s")) if p in phases}
@@ -322,7 +333,8 @@ def run(model: str, threads: int | None = None, repeats: int = 3, new_tokens: in
     res = {"model": os.path.abspath(model), "label": label, "bits": meta.get("bits"), "group": meta.get("group"),
            "machine": mach, "settings": {"threads": threads, "repeats": repeats, "decode_prompt_tokens": DECODE_PROMPT,
                                          "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
-                                         "train_batch": train_batch, "train_ctx": train_ctx}}
+                                         "train_batch": train_batch, "train_ctx": train_ctx,
+                                         "many_row_product": _many_row_product(meta)}}
     t_start = time.perf_counter()
     res["loadavg_start"] = _loadavg()
     progress(f"bench {label} {model}: {threads} threads, best of {repeats}")

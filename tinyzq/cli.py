@@ -62,6 +62,10 @@ def cmd_info(args):
 
     print(f"isa: {kernels.isa()}  (available: {', '.join(kernels.available_isas())}; force with TINYZQ_ISA)")
     print(f"threads: {kernels.get_threads()}  (set with TINYZQ_THREADS)")
+    from .quant import packed
+
+    prod = "int16 activations (gemm16)" if packed.use_gemm16(4, 64) else "fp32 BLAS on dequantized weights"
+    print(f"many-row product: {prod}  (TINYZQ_PREFILL={packed.PREFILL}; auto, fp32 or int16)")
     feats = kernels.cpu_features()
     print("cpu features: " + (" ".join(k for k, v in sorted(feats.items()) if v) or "none"))
     if args.model:

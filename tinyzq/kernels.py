@@ -38,7 +38,7 @@ class KernelError(ValueError, _Base):
 
 
 __all__ = ["isa", "available_isas", "built_isas", "cpu_features", "set_threads", "get_threads",
-           "pack", "unpack", "dequantize", "gather_rows", "qmatmul", "quantize_activations",
+           "pack", "unpack", "dequantize", "gather_rows", "qmatmul", "gemm16", "gemm16_fits", "quantize_activations",
            "rng_bits", "rng_fill", "rng_axpy",
            "Kernels", "BoundWeight", "use", "get", "KernelError", "ALL_ISAS"]
 
@@ -436,6 +436,31 @@ class Kernels:
                 self._check(rc, "qmatmul")
         return y
 
+    @property
+    def gemm16_fast(self) -> bool:
+        """True if this module's gemm16 is a SIMD kernel that beats fp32 BLAS (AVX-512 VNNI)."""
+        return bool(self.lib.tzq_gemm16_fast())
+
+    def gemm16(self, x: np.ndarray, codes, scales, zeros, bits: int, group: int, out=None) -> np.ndarray:
+        """y = x @ W.T with x quantized to int16 per row and group (FORMAT.md, "int16-activation
+        product"): x float32 [n, cols] -> float32 [n, rows]. For many rows (prefill, training)."""
+        rows, cols = _packed(codes, scales, zeros, bits, group)
+        if not _ok(x, _F32, 2):
+            _arr(x, "x", np.float32)
+        if x.shape[1] != cols:
+            _err(f"x must have {cols} columns to match codes {codes.shape} at {bits} bits, got shape {x.shape}")
+        if not gemm16_fits(bits, group):
+            _err(f"gemm16: group {group} at {bits} bits could overflow its int32 sums")
+        n = x.shape[0]
+        y = np.empty((n, rows), dtype=np.float32) if out is None else _out(out, (n, rows), np.float32)
+        if out is not None and np.may_share_memory(out, x):
+            _err("out must not overlap x")
+        if n and rows:
+            fb = self.ffi.from_buffer
+            self._check(self.lib.tzq_gemm16(fb("float[]", x), n, fb("uint8_t[]", codes), fb("float[]", scales),
+                                            fb("float[]", zeros), rows, cols, bits, group, fb("float[]", y)), "gemm16")
+        return y
+
     def bind(self, codes, scales, zeros, bits: int, group: int) -> "BoundWeight":
         """A packed weight checked once, with its C pointers cached, for many fast qmatmul calls
         (decode). The arrays are held, not copied: in-place updates of scales/zeros are seen."""
@@ -661,6 +686,15 @@ class BoundWeight:
 
 # ---------------------------------------------------------------- module-level API (default path)
 
+def gemm16_fits(bits: int, group: int) -> bool:
+    """Whether gemm16's exact int32 group sums cannot overflow: group * 2^(bits-1) * 32767 < 2^31."""
+    return int(group) * (1 << (int(bits) - 1)) * 32767 < 2**31
+
+
+def gemm16(x, codes, scales, zeros, bits: int, group: int, out=None):
+    return get().gemm16(x, codes, scales, zeros, bits, group, out)
+
+
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
     return get().pack(q, bits)
 
@@ -697,6 +731,6 @@ def rng_axpy(src, dst, seed: int, tensor_id: int, a: float, dist: str = "gaussia
     return get().rng_axpy(src, dst, seed, tensor_id, a, dist, mult)
 
 
-for _f in (pack, unpack, dequantize, gather_rows, qmatmul, quantize_activations, rng_bits, rng_fill, rng_axpy):
+for _f in (pack, unpack, dequantize, gather_rows, qmatmul, gemm16, quantize_activations, rng_bits, rng_fill, rng_axpy):
     _f.__doc__ = getattr(Kernels, _f.__name__).__doc__
 del _f

@@ -60,6 +60,9 @@ class FloatLinear:
             y += self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def matmul_rows(self, x2: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return x2 @ self.weight[start:stop].T
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         return self.weight[start:stop]
 
@@ -337,7 +340,7 @@ class Transformer:
         K = _kernels()
         for a in range(0, V, tile):
             b = min(V, a + tile)
-            z = h @ self.head.rows(a, b).T  # [n, tile] fp32
+            z = self.head.matmul_rows(h, a, b)  # [n, tile] fp32
             hit = (targets >= a) & (targets < b)
             target_logit[hit] = z[hit, targets[hit] - a]
             if K is not None:

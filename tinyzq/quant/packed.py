@@ -14,6 +14,8 @@ per-part calls, which is correct but slower.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .. import kernels
@@ -27,6 +29,22 @@ from .. import kernels
 # ~20% slower than BLAS over a perplexity run. Crossover ~64 rows: 32 keeps a margin for the
 # 8-bit head. The two paths differ by the int8 activation rounding (SmolLM2 W4 perplexity +0.3%).
 DECODE_MAX_ROWS = 32
+
+# Above DECODE_MAX_ROWS: "auto" multiplies with int16 activations (kernels.gemm16) where the ISA
+# module has a fast kernel for it (AVX-512 VNNI: ~1.3-1.9x an fp32 sgemm, and its rounding keeps the
+# ZO signal, README), else dequantizes to fp32 for BLAS; "fp32" always takes BLAS, "int16" always
+# gemm16 (the scalar reference where there is no fast one: tests). Env TINYZQ_PREFILL.
+PREFILL = os.environ.get("TINYZQ_PREFILL", "auto").strip().lower() or "auto"
+PREFILL_MODES = ("auto", "fp32", "int16")
+
+
+def use_gemm16(bits: int, group: int) -> bool:
+    """Whether a many-row product of a bits/group weight runs on kernels.gemm16 (see PREFILL)."""
+    if PREFILL not in PREFILL_MODES:
+        raise kernels.KernelError(f"TINYZQ_PREFILL must be one of {', '.join(PREFILL_MODES)}, got {PREFILL!r}")
+    if PREFILL == "fp32" or not kernels.gemm16_fits(bits, group):
+        return False
+    return PREFILL == "int16" or kernels.get().gemm16_fast
 
 
 class PackedLinear:
@@ -59,10 +77,17 @@ class PackedLinear:
                 bw = self._bound = kernels.get().bind(self.codes, self.scales, self.zeros, self.bits, self.group)
             y = bw(x2)
         else:
-            y = x2 @ self.rows(0, self.out_features).T
+            y = self.matmul_rows(x2, 0, self.out_features)
         if self.bias is not None:
             y += self.bias
         return y.reshape(*lead, self.out_features)
+
+    def matmul_rows(self, x2: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """x2 float32 [n, in] @ (weight rows start:stop).T for many rows n (the prefill product)."""
+        if use_gemm16(self.bits, self.group):
+            return kernels.gemm16(x2, self.codes[start:stop], self.scales[start:stop], self.zeros[start:stop],
+                                  self.bits, self.group)
+        return x2 @ self.rows(start, stop).T
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """fp32 weight rows start:stop, dequantized now."""

@@ -139,19 +139,34 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         np.divide(np.float32(1), d, out=inv, where=d != 0)  # inf when d is subnormal
         v = xb * inv[..., None]
+    return _round_clamped(v, 127).astype(np.int8).reshape(n, cols), d.astype(np.float32)
+
+
+def _round_clamped(v: np.ndarray, qmax: int) -> np.ndarray:
+    """NaN -> 0, clamp to [-qmax, qmax], round half away from zero (the C kernels' order of operations)."""
     v = np.where(np.isnan(v), np.float32(0), v)
-    v = np.clip(v, np.float32(-127), np.float32(127))
+    v = np.clip(v, np.float32(-qmax), np.float32(qmax))
     t = np.trunc(v)
     f = v - t
-    r = t + (f >= 0.5).astype(np.float32) - (f <= -0.5).astype(np.float32)
-    return r.astype(np.int8).reshape(n, cols), d.astype(np.float32)
+    return t + (f >= 0.5).astype(np.float32) - (f <= -0.5).astype(np.float32)
 
 
-def qmatmul_ref(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int,
-                group: int) -> np.ndarray:
-    """The int8-activation product y[n, o] = sum_j x[n, j] W[o, j] of FORMAT.md, in fp32, in the
-    reference order: per group, acc = sum_b d_b * isum_b and sx = sum_b d_b * sum(xi_b) (blocks
-    in order), then y += s * (acc - z * sx) (groups in order)."""
+def quantize_activations16(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row and group: a = max|x|/32767, xq = round_half_away(x * (1/a)) in [-32767, 32767] (0 where
+    a == 0). Returns (xq int16 [n, cols], a float32 [n, cols/group])."""
+    x = _as2d(x, "x", np.float32)
+    n, cols = x.shape
+    xg = x.reshape(n, cols // group, group)
+    a = np.abs(xg).max(axis=-1) / np.float32(32767)
+    inv = np.zeros_like(a)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        np.divide(np.float32(1), a, out=inv, where=a != 0)
+        v = xg * inv[..., None]
+    return _round_clamped(v, 32767).astype(np.int16).reshape(n, cols), a.astype(np.float32)
+
+
+def _product_args(x, codes, scales, zeros, bits: int, group: int) -> tuple:
+    """Checked operands of a product: (x, codes, scales, zeros, rows, cols)."""
     x = _as2d(x, "x", np.float32)
     codes = _as2d(codes, "codes", np.uint8)
     cols = _cols_of(codes, bits)
@@ -160,6 +175,34 @@ def qmatmul_ref(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.
     scales, zeros = _check_sz(scales, zeros, rows, cols, group)
     if x.shape[1] != cols:
         raise ValueError(f"x must have {cols} columns, got shape {x.shape}")
+    return x, codes, scales, zeros, rows, cols
+
+
+def gemm16_ref(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int,
+               group: int) -> np.ndarray:
+    """The int16-activation product of FORMAT.md in fp32, in the reference order: with centred codes
+    c = q - 2^(bits-1) and z' = z - 2^(bits-1), per group acc = sum xq * c (exact) and
+    y += ((float)acc - z' * (float)sum(xq)) * (s * a), groups in order."""
+    x, codes, scales, zeros, rows, cols = _product_args(x, codes, scales, zeros, bits, group)
+    n, ng, c = x.shape[0], cols // group, np.float32(1 << (bits - 1))
+    xq, a = quantize_activations16(x, group)
+    q = unpack(codes, bits, cols).astype(np.float64) - float(c)
+    xg = xq.astype(np.float64).reshape(n, ng, group)
+    sq = xq.astype(np.int64).reshape(n, ng, group).sum(-1).astype(np.float32)           # [n, ng]
+    y = np.zeros((n, rows), dtype=np.float32)
+    for g in range(ng):
+        acc = (xg[:, g] @ q[:, g * group:(g + 1) * group].T).astype(np.float32)          # exact, |acc| < 2**31
+        zc = (zeros[:, g] - c).astype(np.float32)
+        y = y + (acc - zc[None, :] * sq[:, g, None]) * (scales[None, :, g] * a[:, g, None])
+    return y
+
+
+def qmatmul_ref(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int,
+                group: int) -> np.ndarray:
+    """The int8-activation product y[n, o] = sum_j x[n, j] W[o, j] of FORMAT.md, in fp32, in the
+    reference order: per group, acc = sum_b d_b * isum_b and sx = sum_b d_b * sum(xi_b) (blocks
+    in order), then y += s * (acc - z * sx) (groups in order)."""
+    x, codes, scales, zeros, rows, cols = _product_args(x, codes, scales, zeros, bits, group)
     n = x.shape[0]
     nb, ng, bpg = cols // BLOCK, cols // group, group // BLOCK
     xi, d = quantize_activations(x)
