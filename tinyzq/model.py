@@ -1,7 +1,8 @@
 """The transformer forward pass (Llama / Qwen2 / Mistral family) in NumPy.
 
 Linear layers are objects with one small interface (see `FloatLinear` and `tinyzq.quant.packed.PackedLinear`):
-`lin(x)` multiplies `[..., in]` activations, `lin.rows(a, b)` returns fp32 weight rows `a:b` (lm_head tiles),
+`lin(x)` multiplies `[..., in]` activations, `lin.matmul_rows(x2, a, b)` multiplies `[n, in]` activations
+with weight rows `a:b` only (lm_head tiles), `lin.rows(a, b)` returns fp32 weight rows `a:b`,
 `lin.take(ids)` returns fp32 rows (embedding lookup). The model neither knows nor cares whether a weight
 is float or packed 2/3/4/8-bit: training and deployment run this same code on the same weights.
 """
