@@ -46,14 +46,6 @@ typedef struct {
     int error;
 } tzq_g16;
 
-/* round half away from zero of a value already clamped to [-32767, 32767] (== roundf there) */
-static inline int32_t g16_round(float v)
-{
-    const float t = (float)(int32_t)v; /* truncation, exact */
-    const float f = v - t;             /* exact */
-    return (int32_t)t + (f >= 0.5f) - (f <= -0.5f);
-}
-
 #if defined(TZQ_ISA_AVX512)
 #include <immintrin.h>
 
@@ -227,7 +219,7 @@ static void g16_quantize(const float *x, int64_t cols, int group, int16_t *xq, f
             if (v != v) v = 0.0f; /* 0 * inf when d is subnormal */
             v = v > G16_QMAX ? G16_QMAX : v;
             v = v < -G16_QMAX ? -G16_QMAX : v;
-            qg[j] = (int16_t)g16_round(v);
+            qg[j] = (int16_t)tzq_round_half_away(v);
             s += qg[j];
         }
         a[g] = d;

@@ -18,14 +18,6 @@
 #include "tzq_internal.h"
 
 #ifndef TZQ_QUANT_ROW /* else a SIMD version, bit-identical to this one, is used (qgemm_x86.c) */
-/* round half away from zero of a value already clamped to [-127, 127] (== roundf there). */
-static inline int32_t round_half_away(float v)
-{
-    const float t = (float)(int32_t)v; /* truncation toward zero, exact */
-    const float f = v - t;             /* exact: |f| < 1 */
-    return (int32_t)t + (f >= 0.5f) - (f <= -0.5f);
-}
-
 static void quantize_row(const float *x, int64_t cols, int8_t *xi, float *d)
 {
     for (int64_t b = 0; b < cols / 32; b++) {
@@ -44,7 +36,7 @@ static void quantize_row(const float *x, int64_t cols, int8_t *xi, float *d)
             if (v != v) v = 0.0f; /* 0 * inf when d_b is subnormal */
             v = v > 127.0f ? 127.0f : v;
             v = v < -127.0f ? -127.0f : v;
-            qb[j] = (int8_t)round_half_away(v);
+            qb[j] = (int8_t)tzq_round_half_away(v);
         }
     }
 }

@@ -73,6 +73,15 @@ TZQ_INLINE float tzq_expf(float x)
     return x > -87.3f ? p * two_k : 0.0f;
 }
 
+/* round half away from zero (== roundf) of a value already clamped to |v| < 2^31: the int8 and int16
+   activation quantizers (qgemm_ref.c, gemm16.c) */
+TZQ_INLINE int32_t tzq_round_half_away(float v)
+{
+    const float t = (float)(int32_t)v; /* truncation toward zero, exact */
+    const float f = v - t;             /* exact: |f| < 1 */
+    return (int32_t)t + (f >= 0.5f) - (f <= -0.5f);
+}
+
 /* sum and max of a row in 8 independent lanes (combined in a fixed order) */
 TZQ_INLINE float tzq_sum8(const float *x, int64_t n)
 {

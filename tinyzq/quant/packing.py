@@ -131,38 +131,35 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     xi is 0 where d == 0; a NaN product (0 * inf when d is subnormal) counts as 0. Returns
     (xi int8 [n, cols], d float32 [n, cols/32])."""
     x = _as2d(x, "x", np.float32)
-    n, cols = x.shape
-    check_layout(cols, 8)
-    xb = x.reshape(n, cols // BLOCK, BLOCK)
-    d = np.abs(xb).max(axis=-1) / np.float32(127)
-    inv = np.zeros_like(d)
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        np.divide(np.float32(1), d, out=inv, where=d != 0)  # inf when d is subnormal
-        v = xb * inv[..., None]
-    return _round_clamped(v, 127).astype(np.int8).reshape(n, cols), d.astype(np.float32)
-
-
-def _round_clamped(v: np.ndarray, qmax: int) -> np.ndarray:
-    """NaN -> 0, clamp to [-qmax, qmax], round half away from zero (the C kernels' order of operations)."""
-    v = np.where(np.isnan(v), np.float32(0), v)
-    v = np.clip(v, np.float32(-qmax), np.float32(qmax))
-    t = np.trunc(v)
-    f = v - t
-    return t + (f >= 0.5).astype(np.float32) - (f <= -0.5).astype(np.float32)
+    check_layout(x.shape[1], 8)
+    q, d = _quantize_blocks(x, BLOCK, 127)
+    return q.astype(np.int8), d
 
 
 def quantize_activations16(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row and group: a = max|x|/32767, xq = round_half_away(x * (1/a)) in [-32767, 32767] (0 where
     a == 0). Returns (xq int16 [n, cols], a float32 [n, cols/group])."""
-    x = _as2d(x, "x", np.float32)
+    q, a = _quantize_blocks(_as2d(x, "x", np.float32), group, 32767)
+    return q.astype(np.int16), a
+
+
+def _quantize_blocks(x: np.ndarray, block: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """The C kernels' activation quantizer, in their order of operations: per block d = max|x|/qmax,
+    v = x * (1/d) in fp32 (NaN -> 0), clamped to [-qmax, qmax], rounded half away from zero.
+    Returns (integer-valued float32 [n, cols], d float32 [n, cols/block])."""
     n, cols = x.shape
-    xg = x.reshape(n, cols // group, group)
-    a = np.abs(xg).max(axis=-1) / np.float32(32767)
-    inv = np.zeros_like(a)
+    xb = x.reshape(n, cols // block, block)
+    d = np.abs(xb).max(axis=-1) / np.float32(qmax)
+    inv = np.zeros_like(d)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        np.divide(np.float32(1), a, out=inv, where=a != 0)
-        v = xg * inv[..., None]
-    return _round_clamped(v, 32767).astype(np.int16).reshape(n, cols), a.astype(np.float32)
+        np.divide(np.float32(1), d, out=inv, where=d != 0)  # inf when d is subnormal
+        v = xb * inv[..., None]
+    v = np.where(np.isnan(v), np.float32(0), v)
+    v = np.clip(v, np.float32(-qmax), np.float32(qmax))
+    t = np.trunc(v)
+    f = v - t
+    r = t + (f >= 0.5).astype(np.float32) - (f <= -0.5).astype(np.float32)
+    return r.reshape(n, cols), d.astype(np.float32)
 
 
 def _product_args(x, codes, scales, zeros, bits: int, group: int) -> tuple:
