@@ -33,10 +33,10 @@
 #define G16_R 16  /* weight rows per panel (one zmm of int32 / fp32 lanes) */
 
 typedef struct {
-    const int16_t *xq;   /* [n_pad, cols] quantized activations, rows >= n are zero */
-    const float *a;      /* [n_pad, ng] */
-    const float *sq;     /* [n_pad, ng] (float)sum of xq per group, exact */
-    int64_t n, n_pad, rows, cols, ng;
+    const int16_t *xq;   /* [n rounded up to G16_T, cols] quantized activations, rows >= n are zero */
+    const float *a;      /* [same rows, ng] */
+    const float *sq;     /* [same rows, ng] (float)sum of xq per group, exact */
+    int64_t n, rows, cols, ng;
     int bits, group;
     const uint8_t *codes;
     const float *scales, *zeros;
@@ -299,7 +299,7 @@ int tzq_gemm16(const float *x, int64_t n, const uint8_t *codes, const float *sca
     if (n == 0 || rows == 0) return TZQ_OK;
     n_pad = (n + G16_T - 1) / G16_T * G16_T;
     memset(&m, 0, sizeof m);
-    m.n = n; m.n_pad = n_pad; m.rows = rows; m.cols = cols; m.ng = cols / group;
+    m.n = n; m.rows = rows; m.cols = cols; m.ng = cols / group;
     m.bits = bits; m.group = group; m.codes = codes; m.scales = scales; m.zeros = zeros; m.y = y;
     xq = (int16_t *)calloc((size_t)(n_pad * cols), sizeof(int16_t));
     a = (float *)calloc((size_t)(n_pad * m.ng), sizeof(float));
