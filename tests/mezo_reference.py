@@ -100,6 +100,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:  # our step: the trainer itself, one warm-up step excluded
         rep = tinyzq.train(m, os.path.join(tmp, "run"), steps=a.steps + 1, batch=a.batch, ctx=a.ctx, eval_every=0,
+                           estimator="central", n_dirs=1,  # MeZO's step: one direction, two passes
                            val_windows=1, save_every=10**6, progress=False)
         with open(os.path.join(tmp, "run", "log.jsonl")) as f:
             secs = np.diff([0.0] + [r["seconds"] for r in map(json.loads, f) if "g" in r])  # cumulative -> per step

@@ -129,6 +129,71 @@ def test_estimator_expectation_matches_known_gradient(dist):
     assert abs(p.g - z @ grad) < 1e-3 * (1 + abs(z @ grad))
 
 
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_forward_estimator_expectation_matches_known_gradient(dist):
+    """Forward differences against one shared unperturbed pass: on a quadratic g = zᵀgrad + ε/2·zᵀAz
+    (biased per direction, even in z), yet E[g z] = grad: K = 4 directions per step, the mean of all
+    g·z within 5 standard errors of the true gradient; K + 1 loss calls per step; the parameters are
+    back to their exact values after every step."""
+    a, b, theta = _quadratic(seed=5)
+    theta0 = theta.copy()
+    ps = zparams.from_arrays({"theta": theta})
+    grad = a * theta.astype(np.float64) + b
+    calls = []
+
+    def loss():
+        t = theta.astype(np.float64)
+        return float(0.5 * np.sum(a * t * t) + b @ t)
+
+    def f(sign):
+        calls.append(sign)
+        return loss()
+
+    n, k, eps = 1000, 4, 0.1  # a large ε makes the ε/2·zᵀAz term large: the test sees if it were biased
+    samples, bias = [], []
+    for t in range(1, n + 1):
+        probes = spsa.estimate(ps, f, 456, t, eps, n_dirs=k, dist=dist, estimator="forward")
+        assert len(calls) == (k + 1) * t and calls[-k - 1:] == [0] + [1] * k
+        assert np.array_equal(theta, theta0)
+        for p in probes:
+            z = kernels.rng_fill(theta.size, p.seed, 0, dist).astype(np.float64)
+            samples.append(p.g * z)
+            bias.append(p.g - z @ grad)
+            assert p.loss_minus is None and p.loss_center == loss() and p.g == (p.loss_plus - p.loss_center) / eps
+    samples = np.array(samples)
+    se = samples.std(axis=0) / math.sqrt(len(samples))
+    assert np.all(np.abs(samples.mean(axis=0) - grad) < 5 * se + 1e-3)
+    # each g carries the curvature term ε/2·zᵀAz (mean ε/2·tr A): what the expectation averages away
+    assert abs(np.mean(bias) - eps / 2 * a.sum()) < 0.1 * eps / 2 * a.sum()
+
+
+def test_forward_estimator_directions_do_not_accumulate(tiny_w3):
+    """On the tiny model the forward estimator's g_k equals (L(θ + εz_k) − L(θ))/ε computed with fresh
+    perturb/restore per direction, bit for bit (each perturbation is taken from the base values), and
+    tracks the central difference of the same direction."""
+    import tinyzq
+    from tinyzq import train as trainmod
+    from tinyzq.data import windows
+
+    m = tinyzq.load(tiny_w3)
+    ps = zparams.build(m, "scales")
+    tok = windows(trainmod.load_texts(m.tokenizer, None)[0], 64)[:2]
+    f = lambda sign: trainmod.nll_loss(m.net, tok)  # noqa: E731
+    eps = 1e-3
+    probes = spsa.estimate(ps, f, 3, 1, eps, n_dirs=6, estimator="forward")
+    l0 = f(0)
+    for p in probes:
+        ps.perturb(p.seed, eps)
+        lp = f(1)
+        ps.restore()
+        assert p.loss_center == l0 and p.loss_plus == lp
+    central = [spsa.probe(ps, f, p.seed, eps).g for p in probes]
+    assert np.corrcoef([p.g for p in probes], central)[0, 1] > 0.95
+    assert f(0) == l0
+    with pytest.raises(ValueError, match="estimator"):
+        spsa.estimate(ps, f, 3, 1, eps, estimator="backward")
+
+
 def test_perturb_restore_is_exact_for_every_mode(tmp_path, tiny_w3):
     """Whatever is perturbed (all layers or a subset, any ε, any order), restore() gives the model's
     tensors back bit for bit: live values are recomputed from the untouched base copy."""

@@ -279,8 +279,9 @@ def train(model: "Model | str", out: str, steps: int | None = None, minutes: flo
     """Zeroth-order QAT of a packed model (forward passes only) into the run directory `out`.
 
     `train`: 'scales' (per-group scales/zeros + norms), 'qv' or 'latent'; `options`: the fields of
-    tinyzq.train.TrainConfig (lr, eps, n_dirs, dist, schedule, warmup, clip, normalize, layers_per_step,
-    directions, batch, ctx, seed, eval_every, val_windows, save_every, text, teacher, kd_topk, kd_alpha).
+    tinyzq.train.TrainConfig (lr, eps, n_dirs, estimator, dist, schedule, warmup, clip, normalize,
+    layers_per_step, layers_per_dir, directions, batch, ctx, seed, eval_every, val_windows, save_every, text,
+    teacher, kd_topk, kd_alpha).
     The trained model is `out/model` (`tinyzq.load(out)` opens it). Returns the report dict."""
     from .train import run
 

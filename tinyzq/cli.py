@@ -169,7 +169,7 @@ def cmd_generate(args):
 def cmd_train(args):
     from . import api
 
-    opts = {k: getattr(args, k) for k in ("lr", "eps", "n_dirs", "dist", "schedule", "warmup", "clip", "layers_per_step",
+    opts = {k: getattr(args, k) for k in ("lr", "eps", "n_dirs", "estimator", "dist", "schedule", "warmup", "clip", "layers_per_step", "layers_per_dir",
                                           "directions", "batch", "ctx", "seed", "eval_every", "val_windows", "save_every", "text",
                                           "teacher", "kd_topk", "kd_alpha")}
     opts["normalize"] = not args.raw_gradient
@@ -281,9 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train", choices=["scales", "qv", "latent"], default="scales",
                    help="what is trained: scales (per-group scales/zeros + norms; default), qv (fp Q/V projections), "
                         "latent (fp latent weights + learnable clipping, re-quantized every forward)")
-    s.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 scales, 1e-5 qv/latent)")
+    s.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 1e-3 scales, 1e-5 qv/latent per direction, times --n-dirs, "
+                        "times sqrt(layer slots / --layers-per-dir))")
     s.add_argument("--eps", type=float, default=1e-3, help="perturbation size (relative for scales/norms)")
-    s.add_argument("--n-dirs", type=_positive(int), default=1, help="random directions averaged per step")
+    s.add_argument("--n-dirs", type=_positive(int), default=None,
+                   help="random directions averaged per step (default: 8 with --estimator forward, 1 with central)")
+    s.add_argument("--estimator", choices=["forward", "central"], default="forward",
+                   help="forward (default): the --n-dirs directions of a step share one unperturbed pass, "
+                        "g = (L+ - L0)/eps, K+1 passes instead of 2K; central: two passes per direction, "
+                        "g = (L+ - L-)/2eps")
     s.add_argument("--dist", choices=["gaussian", "rademacher"], default="gaussian")
     s.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="constant")
     s.add_argument("--warmup", type=_nonneg(int), default=0, help="linear warm-up steps")
@@ -293,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the raw projected gradient instead of normalising by its running RMS")
     s.add_argument("--layers-per-step", type=_nonneg(int), default=0,
                    help="perturb a random subset of this many decoder layers per step (0 = all)")
+    s.add_argument("--layers-per-dir", type=_nonneg(int), default=None,
+                   help="with --estimator forward: every direction perturbs its own random subset of this many "
+                        "layer slots (decoder layers and the final norm) and its pass resumes from the shared "
+                        "unperturbed pass below them (default 0 = all layers)")
     s.add_argument("--directions", choices=["dense", "rowcol"], default="dense",
                    help="random directions: dense (every value its own draw) or rowcol (a 2-D tensor's z is a "
                         "per-row plus a per-column draw: far fewer dimensions per direction)")

@@ -236,13 +236,14 @@ class Transformer:
 
     # --- the forward pass -------------------------------------------------------------------------
     def hidden(self, tokens: np.ndarray, cache: KVCache | None = None, *, stop: int | None = None,
-               resume: tuple | None = None) -> np.ndarray:
+               resume: tuple | None = None, keep: dict | None = None) -> np.ndarray:
         """Final-normed hidden states [B, T, d] for int tokens [B, T] (appended to `cache` if given).
 
         Split passes (no cache): `stop=i` returns the residual stream entering layer i (no final norm);
         `resume=(i, x)` continues from that stream. The two halves run the very same operations as one
         pass, so the result is bit-identical; the ZO trainer shares the first half between its + and −
-        passes when it perturbs only layers >= i."""
+        passes when it perturbs only layers >= i. `keep`: a dict whose keys are layer indices (0..L) gets
+        the residual stream entering each of them (L: after the last layer) from this one pass."""
         tokens = np.asarray(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -253,7 +254,7 @@ class Transformer:
         ang = np.arange(pos0, pos0 + T, dtype=np.float64)[:, None] * self.inv_freq[None, :]
         cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
         first, last = 0, len(self.layers) if stop is None else stop
-        if (stop is not None or resume is not None) and cache is not None:
+        if (stop is not None or resume is not None or keep is not None) and cache is not None:
             raise ValueError("split passes (stop/resume) take no KV cache")
         if resume is not None:
             first, x = resume
@@ -273,6 +274,8 @@ class Transformer:
             if xc is not None:
                 x, layers = xc, ()
         for i, layer in layers:
+            if keep is not None and i in keep:
+                keep[i] = x  # never written in place below: every update makes a new array
             h = norm(x, layer.attn_norm)
             if fast:
                 x = x + self._attention_decode(i, layer, h, cos, sin, cache, pos0, K)
@@ -283,6 +286,8 @@ class Transformer:
             x = x + layer.down(K.silu_mul(g, u) if K is not None else silu(g) * u)
         if cache is not None:
             cache.length = pos0 + T
+        if keep is not None and last in keep:
+            keep[last] = x
         if stop is not None:
             return x
         return norm(x, self.norm)
@@ -352,10 +357,11 @@ class Transformer:
             run_max = m
         return run_max + np.log(run_sum) - target_logit
 
-    def sequence_nll(self, tokens: np.ndarray, resume: tuple | None = None) -> tuple[float, int]:
+    def sequence_nll(self, tokens: np.ndarray, resume: tuple | None = None,
+                     keep: dict | None = None) -> tuple[float, int]:
         """Summed next-token NLL and prediction count over a batch of windows [B, T] (no carried context).
-        `resume`: continue from a residual stream, as in `hidden`."""
+        `resume`, `keep`: continue from / keep residual streams, as in `hidden`."""
         tokens = np.atleast_2d(tokens)
-        h = self.hidden(tokens, resume=resume)
+        h = self.hidden(tokens, resume=resume, keep=keep)
         nll = self.token_nll(h[:, :-1], tokens[:, 1:])
         return float(nll.sum()), int(nll.size)

@@ -5,7 +5,10 @@ The loop sees a loss function and a ParamSet (zo/params.py); the loss is the mod
 generate run), so what you train is what you run.
 
 A step t: the batch is `batch` windows of the training split drawn by a generator seeded with
-(seed, t); K directions with seeds derived from (seed, t, k); two passes each (SPSA); ZO-SGD update.
+(seed, t); K directions with seeds derived from (seed, t, k); one unperturbed pass plus one pass per
+direction (forward differences; with --layers-per-dir a direction perturbs its own random layer slots
+and its pass resumes from the unperturbed one below them; `central`: two passes per direction, SPSA);
+ZO-SGD update.
 Everything a step does is a function of (checkpointed state, seed, t), so `--resume` continues
 exactly: the per-step losses of a resumed run equal those of an uninterrupted one (same machine and
 thread count: BLAS sums in a thread-dependent order).
@@ -15,7 +18,8 @@ OUT (a run directory):
   checkpoint/       model/ + trainable.npy (the fp32 trainable vector) + state.json, replaced atomically
                     every --save-every steps, at the end, and on Ctrl-C
   log.jsonl         one line per step: step, seed, g (projected gradient), g_hat, loss_plus, loss_minus,
-                    loss, lr, seconds, tokens, rss_mb; and one line per validation: step, val_ppl, val_nll
+                    loss, lr, seconds, tokens, rss_mb (forward estimator: loss_center, layers); and one
+                    line per validation: step, val_ppl, val_nll
   report.json, report.svg   at the end: before/after validation perplexity, speed, memory, curves
   teacher/          --teacher: top-k log-probs of the teacher per training window (memory-mapped .npy)
 """
@@ -35,7 +39,9 @@ import numpy as np
 from .errors import TinyzqError
 from .sysinfo import peak_rss_mb
 
-DEFAULT_LR = {"scales": 1e-3, "qv": 1e-5, "latent": 1e-5}
+DEFAULT_LR = {"scales": 1e-3, "qv": 1e-5, "latent": 1e-5}   # per direction over every trainable value
+# The defaults of the options that depend on the estimator (a None in TrainConfig).
+ESTIMATOR_DEFAULTS = {"forward": {"n_dirs": 8, "layers_per_dir": 0}, "central": {"n_dirs": 1, "layers_per_dir": 0}}
 STATE_VERSION = 1
 # Tests only: SIGKILL this process in the middle of step N (between its two loss evaluations, while the
 # parameters are perturbed in place) — a deterministic stand-in for a power cut.
@@ -58,15 +64,17 @@ class TrainConfig:
     train: str = "scales"          # scales | qv | latent
     steps: int | None = None       # number of steps (or `minutes`)
     minutes: float | None = None   # time budget of this run (steps are then open-ended)
-    lr: float | None = None        # default: DEFAULT_LR[train]
+    lr: float | None = None        # default: see resolved()
     eps: float = 1e-3
-    n_dirs: int = 1
+    n_dirs: int | None = None      # directions per step (default: 8 forward, 1 central)
+    estimator: str = "forward"     # forward (K directions share one L0) | central (L+ − L− per direction)
     dist: str = "gaussian"         # gaussian | rademacher
     schedule: str = "constant"     # constant | linear | cosine
     warmup: int = 0
     clip: float | None = 3.0       # in RMS units when normalize, else absolute (ZeroQAT: 0.2/eps)
     normalize: bool = True
     layers_per_step: int = 0       # 0 = perturb every layer; k = a random subset of k layers per step
+    layers_per_dir: int | None = None  # forward: each direction its own random k layer slots (0 = all)
     directions: str = "dense"      # dense | rowcol (z of a 2-D tensor = row draw + column draw)
     batch: int = 2
     ctx: int = 512
@@ -82,6 +90,7 @@ class TrainConfig:
     def check(self) -> None:
         from .zo.optim import SCHEDULES
         from .zo.params import MODES, check_directions
+        from .zo.spsa import ESTIMATORS
 
         if self.train not in MODES:
             raise TinyzqError(f"--train {self.train!r} is unknown; choose one of: {', '.join(MODES)}")
@@ -96,6 +105,12 @@ class TrainConfig:
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise TinyzqError(f"--{name} must be a positive number, not {v!r}")
         check_directions(self.directions)
+        if self.estimator not in ESTIMATORS:
+            raise TinyzqError(f"--estimator {self.estimator!r} is unknown; choose one of: {', '.join(ESTIMATORS)}")
+        if self.layers_per_dir and self.estimator != "forward":
+            raise TinyzqError("--layers-per-dir needs --estimator forward (the directions resume from its shared pass)")
+        if self.layers_per_dir and self.layers_per_step:
+            raise TinyzqError("give --layers-per-step or --layers-per-dir, not both")
         if self.dist not in ("gaussian", "rademacher"):
             raise TinyzqError(f"--dist {self.dist!r} is unknown; choose gaussian or rademacher")
         if self.schedule not in SCHEDULES:
@@ -103,8 +118,11 @@ class TrainConfig:
         if self.schedule != "constant" and self.steps is None:
             raise TinyzqError(f"--schedule {self.schedule} needs --steps (the length of the decay)")
         for name, lo in (("n_dirs", 1), ("batch", 1), ("ctx", 2), ("val_windows", 1), ("save_every", 1),
-                         ("warmup", 0), ("eval_every", 0), ("layers_per_step", 0), ("kd_topk", 1)):
+                         ("warmup", 0), ("eval_every", 0), ("layers_per_step", 0), ("layers_per_dir", 0),
+                         ("kd_topk", 1)):
             v = getattr(self, name)
+            if v is None and name in ("n_dirs", "layers_per_dir"):
+                continue
             if not isinstance(v, (int, np.integer)) or v < lo:
                 raise TinyzqError(f"--{name.replace('_', '-')} must be an integer >= {lo}, not {v!r}")
         if self.clip is not None and not self.clip > 0:
@@ -117,6 +135,25 @@ class TrainConfig:
             p = getattr(self, name)
             if p is not None and not os.path.exists(p):
                 raise TinyzqError(f"--{name} {p}: no such file or directory")
+
+    def resolved(self, n_slots: int) -> "TrainConfig":
+        """This config with the defaults filled in (what a checkpoint stores). `n_slots`: the layer slots of
+        the trainable set (decoder layers + the final norm).
+
+        Default lr: DEFAULT_LR per direction, times K (the update averages the K directions), times
+        √(slots/k) with k layer slots per direction: a direction over a fraction ρ of the values carries
+        √ρ of a full direction's projected gradient (normalised away by ĝ) and ρ of its curvature, so the
+        step that makes the same expected progress per direction is 1/√ρ longer."""
+        d = ESTIMATOR_DEFAULTS[self.estimator]
+        n_dirs = d["n_dirs"] if self.n_dirs is None else self.n_dirs
+        per_dir = d["layers_per_dir"] if self.layers_per_dir is None else self.layers_per_dir
+        if self.layers_per_step:
+            per_dir = 0
+        lr = self.lr
+        if lr is None:
+            k = min(per_dir, n_slots) if per_dir else n_slots
+            lr = DEFAULT_LR[self.train] * n_dirs * math.sqrt(n_slots / max(1, k))
+        return dataclasses.replace(self, n_dirs=n_dirs, layers_per_dir=per_dir, lr=lr)
 
     @property
     def learning_rate(self) -> float:
@@ -146,10 +183,10 @@ def batch_indices(seed: int, step: int, n_windows: int, batch: int) -> np.ndarra
 
 
 # ------------------------------------------------------------------------------------------ losses
-def nll_loss(net, tokens: np.ndarray, resume: tuple | None = None) -> float:
+def nll_loss(net, tokens: np.ndarray, resume: tuple | None = None, keep: dict | None = None) -> float:
     """Mean next-token NLL of windows [B, T]: exactly what `Model.perplexity` / eval computes
-    (`resume`: from a residual stream, see `Transformer.hidden`; the same bits)."""
-    nll, n = net.sequence_nll(tokens, resume)
+    (`resume` / `keep`: from / keeping residual streams, see `Transformer.hidden`; the same bits)."""
+    nll, n = net.sequence_nll(tokens, resume, keep)
     return nll / n
 
 
@@ -215,7 +252,7 @@ class TeacherCache:
 
 
 def kd_loss(net, tokens: np.ndarray, t_ids: np.ndarray, t_logp: np.ndarray, alpha: float,
-            resume: tuple | None = None) -> float:
+            resume: tuple | None = None, keep: dict | None = None) -> float:
     """(1 − α)·CE + α·KL(teacher ‖ student) per token, over the teacher's top-k tokens plus one bucket
     for the rest of the vocabulary (teacher: 1 − its top-k mass; student: 1 − its mass on those ids).
     The bucket keeps KL's minimum at student = teacher; renormalising the teacher's top-k instead
@@ -224,7 +261,7 @@ def kd_loss(net, tokens: np.ndarray, t_ids: np.ndarray, t_logp: np.ndarray, alph
     The student's log-probs at the teacher's ids come from the same hidden states and lm_head rows
     (gathered through the kernels) as its cross-entropy; [tokens, vocab] logits are never formed."""
     B, T = tokens.shape
-    h = net.hidden(tokens, resume=resume)[:, :-1].reshape(-1, net.cfg.hidden_size)
+    h = net.hidden(tokens, resume=resume, keep=keep)[:, :-1].reshape(-1, net.cfg.hidden_size)
     h = np.ascontiguousarray(h, dtype=np.float32)
     targets = tokens[:, 1:].reshape(-1)
     nll = net.token_nll(h, targets)
@@ -249,6 +286,13 @@ def kd_loss(net, tokens: np.ndarray, t_ids: np.ndarray, t_logp: np.ndarray, alph
 
 
 # ------------------------------------------------------------------------------------------ the run
+def _step_loss(probes) -> float:
+    """The step's training loss: L(θ) itself for the forward estimator, else the mean of (L+ + L−)/2."""
+    if probes[0].loss_center is not None:
+        return probes[0].loss_center
+    return float(np.mean([(p.loss_plus + p.loss_minus) / 2 for p in probes]))
+
+
 class _Stop:
     """First Ctrl-C: finish the step, save, exit. Second: abort at once (the last checkpoint stays)."""
 
@@ -347,7 +391,7 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
             state = json.load(f)
         if state.get("version") != STATE_VERSION:
             raise TinyzqError(f"{sp}: checkpoint version {state.get('version')!r} is not supported")
-        saved = TrainConfig(**state["config"])
+        saved = TrainConfig(**{"estimator": "central", **state["config"]})  # runs before `forward` existed
         budget = {k: overrides.get(k, getattr(cfg, k, None) if cfg is not None else None) for k in ("steps", "minutes")}
         if any(v is not None for v in budget.values()):  # the budget may change on resume; nothing else
             saved.steps, saved.minutes = budget["steps"], budget["minutes"]
@@ -384,6 +428,7 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
         teacher = TeacherCache(os.path.join(out, "teacher"), cfg.teacher, train_win, cfg.kd_topk, needed, progress)
 
     params = zparams.build(model, cfg.train, cfg.directions)
+    cfg = cfg.resolved(len(params.slots))
     opt = optim.ZOSGD(cfg.learning_rate, cfg.schedule, cfg.warmup, cfg.steps, cfg.normalize, cfg.clip)
     step, seconds, tokens = 0, 0.0, 0
     log_path = os.path.join(out, "log.jsonl")
@@ -396,16 +441,34 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
         os.unlink(log_path)
     meta_extra = {"trained": {"mode": cfg.train, "config": dataclasses.asdict(cfg)}}
     layers_all = params.layers
+    n_passes = spsa.forward_passes(cfg.n_dirs, cfg.estimator)
     n_layers_step = cfg.layers_per_step if 0 < cfg.layers_per_step < len(layers_all) else 0
 
-    def loss_fn(tok, idx, layers):
+    n_blocks = len(model.net.layers)
+
+    def entry(slots):  # the first layer a direction's slots change (−1, the final norm: after the last)
+        return min(n_blocks if s < 0 else s for s in slots)
+
+    def loss_fn(tok, idx, layers, dir_layers):
         # Layers below the first perturbed one are the same in the + and − passes: run them once, before
         # perturbing (bit-identical to full passes, see Transformer.hidden), and resume both passes there.
+        # With per-direction layers the forward estimator's unperturbed pass keeps the stream entering
+        # each direction's first layer, and the direction's pass resumes there.
         first = min(layers) if layers else 0
-        resume = (first, model.net.hidden(tok, stop=first)) if first > 0 else None
-        if teacher is None:
-            return lambda sign: nll_loss(model.net, tok, resume)
-        return lambda sign: kd_loss(model.net, tok, teacher.ids[idx], teacher.logp[idx], cfg.kd_alpha, resume)
+        shared = (first, model.net.hidden(tok, stop=first)) if first > 0 else None
+        kept = dict.fromkeys({entry(s) for s in dir_layers} - {0}) if dir_layers else None
+
+        def one(resume, keep=None):
+            if teacher is None:
+                return nll_loss(model.net, tok, resume, keep)
+            return kd_loss(model.net, tok, teacher.ids[idx], teacher.logp[idx], cfg.kd_alpha, resume, keep)
+
+        def f(sign, own=None):
+            if own is None:
+                return one(shared, kept if sign == 0 else None)
+            i = entry(own)
+            return one((i, kept[i]) if i > 0 else None)
+        return f
 
     def validate():
         t0 = time.perf_counter()
@@ -415,7 +478,9 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
     _say(f"model {model.path or '(in memory)'}: {model.meta.get('bits')}-bit g{model.meta.get('group')}; "
          f"training {cfg.train!r}: {params.size:,} fp32 values in {len(params.entries)} tensors "
          f"({params.flat.nbytes / 2**20:.1f} MiB), {cfg.directions} directions; lr {cfg.learning_rate:g}, eps {cfg.eps:g}, {cfg.n_dirs} "
-         f"direction(s)/step, batch {cfg.batch}x{ctx}; text {label}: {len(train_win)} training windows, "
+         f"direction(s)/step ({cfg.estimator} differences"
+         + (f", {cfg.layers_per_dir} of {len(params.slots)} layer slots each" if cfg.layers_per_dir else "")
+         + f"), batch {cfg.batch}x{ctx}; text {label}: {len(train_win)} training windows, "
          f"{len(val_win)} validation windows; isa {kernels.isa()}, {kernels.get_threads()} threads", progress)
     val_hist = [r for r in _read_log(log_path) if "val_ppl" in r]
     r0, t_val = validate()
@@ -459,13 +524,20 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                 if n_layers_step:
                     rng = np.random.default_rng([cfg.seed, t, 0x1A7E5])
                     layers = sorted(rng.choice(layers_all, size=n_layers_step, replace=False).tolist())
-                lf = loss_fn(tok, idx, layers)
+                dir_layers = None
+                if cfg.layers_per_dir:
+                    n_dir = min(cfg.layers_per_dir, len(params.slots))
+                    dir_layers = [sorted(np.random.default_rng([cfg.seed, t, k, 0xD1A7E5])
+                                         .choice(params.slots, size=n_dir, replace=False).tolist())
+                                  for k in range(cfg.n_dirs)]
+                lf = loss_fn(tok, idx, layers, dir_layers)
                 if t == _SIGKILL_AT_STEP:
                     lf = _die_on_second_call(lf)
-                probes = spsa.estimate(params, lf, cfg.seed, t, cfg.eps, cfg.n_dirs, cfg.dist, layers)
+                probes = spsa.estimate(params, lf, cfg.seed, t, cfg.eps, cfg.n_dirs, cfg.dist, layers, cfg.estimator,
+                                       dir_layers)
                 lr, gh = opt.step(params, probes, t, cfg.dist, layers)
                 dt = time.perf_counter() - t0
-                step, seconds, tokens = t, seconds + dt, tokens + 2 * cfg.n_dirs * tok.size
+                step, seconds, tokens = t, seconds + dt, tokens + n_passes * tok.size
                 step_times.append(dt)
                 one = len(probes) == 1
                 row = {"step": t, "seed": probes[0].seed if one else [p.seed for p in probes],
@@ -473,10 +545,14 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                        "g_hat": gh[0] if one else gh,
                        "loss_plus": probes[0].loss_plus if one else [p.loss_plus for p in probes],
                        "loss_minus": probes[0].loss_minus if one else [p.loss_minus for p in probes],
-                       "loss": float(np.mean([(p.loss_plus + p.loss_minus) / 2 for p in probes])),
+                       "loss": _step_loss(probes),
                        "lr": lr, "seconds": round(seconds, 3), "tokens": tokens, "rss_mb": round(peak_rss_mb(), 1)}
+                if cfg.estimator == "forward":
+                    row["loss_center"] = probes[0].loss_center
                 if layers is not None:
                     row["layers"] = layers
+                if dir_layers is not None:
+                    row["layers"] = dir_layers[0] if one else dir_layers
                 logf.write(json.dumps(row) + "\n")
                 logf.flush()
                 if cfg.eval_every and t % cfg.eval_every == 0:
@@ -495,7 +571,7 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                     eta = f"{max(0.0, budget - (time.perf_counter() - t_run)) / 60:.1f}m"
                 bar.update(1)
                 bar.set_postfix_str(f"loss {row['loss']:.4f}  val_ppl {last_val:.3f}  "
-                                    f"{2 * cfg.n_dirs * tok.size / avg:.0f} tok/s  {avg:.1f} s/step"
+                                    f"{n_passes * tok.size / avg:.0f} tok/s  {avg:.1f} s/step"
                                     + (f"  left {eta}" if eta else ""))
             interrupted = interrupted or stop.requested
     finally:

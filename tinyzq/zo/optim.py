@@ -68,7 +68,10 @@ class ZOSGD:
         for p, h in zip(probes, gh):
             c = -lr * h / len(probes)
             if c != 0.0:
-                params.update(p.seed, c, dist, layers)
+                if p.layers is not None:  # the direction's own layers
+                    params.update(p.seed, c, dist, p.layers, exact=True)
+                else:
+                    params.update(p.seed, c, dist, layers)
         return lr, gh
 
     def state(self) -> dict:

@@ -124,16 +124,20 @@ class ParamSet:
             self.units.append(Unit(int(layer), es, requant))
         self._scratch = np.empty(scratch, np.float32) if scratch else None
         self.layers = sorted({u.layer for u in self.units if u.layer >= 0})
+        # what a direction may be restricted to: every layer, and −1 for the units outside the layers
+        self.slots = self.layers + ([-1] if any(u.layer < 0 for u in self.units) else [])
 
     @property
     def size(self) -> int:
         return int(self.flat.size)
 
-    def _units(self, layers):
+    def _units(self, layers, exact=False):
+        """Units of `layers` plus those outside any layer (final norm); exact: only those listed (−1 names
+        the units outside the layers)."""
         if layers is None:
             return self.units
         keep = set(layers)
-        return [u for u in self.units if u.layer < 0 or u.layer in keep]
+        return [u for u in self.units if u.layer in keep or (u.layer < 0 and not exact)]
 
     def _write(self, unit, seed, a, dist):
         w = None
@@ -150,19 +154,19 @@ class ParamSet:
         if unit.requant is not None:
             unit.requant(w)
 
-    def perturb(self, seed: int, a: float, dist: str = "gaussian", layers=None) -> None:
+    def perturb(self, seed: int, a: float, dist: str = "gaussian", layers=None, exact: bool = False) -> None:
         """live = base + a·z (relative for mult tensors) for the units of `layers` (None: all)."""
-        for u in self._units(layers):
+        for u in self._units(layers, exact):
             self._write(u, seed, float(a), dist)
 
-    def restore(self, layers=None) -> None:
+    def restore(self, layers=None, exact: bool = False) -> None:
         """live = base exactly."""
-        for u in self._units(layers):
+        for u in self._units(layers, exact):
             self._write(u, 0, 0.0, "gaussian")
 
-    def update(self, seed: int, coef: float, dist: str = "gaussian", layers=None) -> None:
+    def update(self, seed: int, coef: float, dist: str = "gaussian", layers=None, exact: bool = False) -> None:
         """base += coef·z (relative for mult tensors), then live = base."""
-        for u in self._units(layers):
+        for u in self._units(layers, exact):
             for e in u.entries:
                 _axpy(e, e.base, e.base, seed, float(coef), dist)
             self._write(u, 0, 0.0, "gaussian")
