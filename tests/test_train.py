@@ -83,6 +83,23 @@ def test_resume_continues_exactly(tiny_w3, tmp_path, estimator):
     assert np.array_equal(fa, fb)
 
 
+def test_resume_with_gains_continues_exactly(tiny_w3, tmp_path):
+    """Per-part gains are part of the run's config: a resumed run keeps them and continues exactly, and
+    they change the run (the same seed without them gives other losses)."""
+    a, b, c = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")
+    g = {"norms": 4.0, "zeros": 0.5}
+    tinyzq.train(tiny_w3, a, steps=4, save_every=2, n_dirs=2, gains=g, **FAST)
+    tinyzq.train(tiny_w3, b, steps=2, save_every=2, n_dirs=2, gains=g, **FAST)
+    tinyzq.train(tiny_w3, b, steps=4, resume=True, progress=False)
+    tinyzq.train(tiny_w3, c, steps=4, save_every=2, n_dirs=2, **FAST)
+    la, lb, lc = _steps(a), _steps(b), _steps(c)
+    assert [x["loss_plus"] for x in la] == [y["loss_plus"] for y in lb]
+    assert [x["loss_plus"] for x in la] != [y["loss_plus"] for y in lc]
+    assert json.load(open(os.path.join(b, "checkpoint", "state.json")))["config"]["gains"] == g
+    assert np.array_equal(np.load(os.path.join(a, "checkpoint", "trainable.npy")),
+                          np.load(os.path.join(b, "checkpoint", "trainable.npy")))
+
+
 def test_defaults_resolve_per_estimator():
     """Forward differences, 8 directions over all layers by default; lr 1e-3 per direction, times K
     (the update averages the directions), times √(slots/k) with k layer slots per direction; central
@@ -150,6 +167,9 @@ def test_ctrl_c_saves_and_exits_cleanly(tiny_w3, tmp_path):
     (["--steps", "2", "--estimator", "central", "--layers-per-dir", "1"], "--estimator forward"),
     (["--steps", "2", "--layers-per-dir", "1", "--layers-per-step", "1"], "not both"),
     (["--steps", "-1"], "--steps"),
+    (["--steps", "2", "--gain", "bias=2"], "unknown part"),
+    (["--steps", "2", "--gain", "norms"], "PART=X"),
+    (["--steps", "2", "--gain", "norms=-1"], "positive"),
     (["--steps", "2", "--text", "/no/such.txt"], "no/such.txt"),
     (["--steps", "2", "--teacher", "/no/such.gguf"], "no/such.gguf"),
     (["--steps", "2", "--schedule", "cosine", "--minutes", "1"], "not allowed"),

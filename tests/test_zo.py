@@ -259,6 +259,66 @@ def test_update_equals_numpy_reimplementation():
     assert opt.state()["g_count"] == 6
 
 
+def test_gains_scale_perturbation_and_update_of_their_part_only():
+    """--gain PART=X: perturbation and update of that part's tensors use X·z (the NumPy reference z),
+    the other parts are untouched by the gain, restore stays exact."""
+    rng = np.random.default_rng(3)
+    arrays = {"model.layers.0.mlp.up_proj.weight.scales": rng.uniform(0.01, 0.1, 128).astype(np.float32),
+              "model.layers.0.mlp.up_proj.weight.zeros": rng.uniform(0, 7, 128).astype(np.float32),
+              "model.norm.weight": rng.uniform(0.5, 2, 64).astype(np.float32)}
+    mult = {k: not k.endswith("zeros") for k in arrays}
+    base = {k: v.copy() for k, v in arrays.items()}
+    ps = zparams.ParamSet([(-1, [(k, v, v, mult[k])], None) for k, v in arrays.items()], "custom",
+                          gains={"final_norm": 4.0, "zeros": 0.5})
+    assert [e.gain for e in ps.entries] == [1.0, 0.5, 4.0]
+    ps.perturb(77, 1e-2)
+    for tid, (k, v) in enumerate(arrays.items()):
+        az = np.float32(1e-2 * ps.entries[tid].gain) * ref_z(77, tid, v.size, "gaussian")
+        want = base[k] + az * base[k] if mult[k] else base[k] + az
+        np.testing.assert_allclose(v, want, rtol=1e-6, atol=1e-7)
+    ps.restore()
+    assert all(np.array_equal(v, base[k]) for k, v in arrays.items())
+    ps.update(78, -3e-3)
+    for tid, (k, v) in enumerate(arrays.items()):
+        az = np.float32(-3e-3 * ps.entries[tid].gain) * ref_z(78, tid, v.size, "gaussian")
+        want = base[k] + az * base[k] if mult[k] else base[k] + az
+        np.testing.assert_allclose(v, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("gains, msg", [({"bias": 2.0}, "unknown part"), ({"norms": 0.0}, "positive"),
+                                        ({"norms": float("nan")}, "positive"), ({"norms": "x"}, "not a number")])
+def test_bad_gains(gains, msg):
+    with pytest.raises(TinyzqError, match=msg):
+        zparams.check_gains(gains)
+
+
+def test_gains_precondition_the_expectation():
+    """With gains c the forward estimator's expected update direction is diag(c²)·grad (a quadratic,
+    K = 4 directions per step, within 5 standard errors)."""
+    a, b, theta = _quadratic(seed=8)
+    n1 = theta.size // 2
+    t1, t2 = theta[:n1].copy(), theta[n1:].copy()
+    ps = zparams.ParamSet([(-1, [("x.scales", t1, t1, False)], None), (-1, [("x.zeros", t2, t2, False)], None)],
+                          "custom", gains={"zeros": 3.0})
+    grad = a * theta.astype(np.float64) + b
+
+    def f(sign):
+        t = np.concatenate([t1, t2]).astype(np.float64)
+        return float(0.5 * np.sum(a * t * t) + b @ t)
+
+    n, k, eps = 1000, 4, 1e-3
+    samples = []
+    for t in range(1, n + 1):
+        for p in spsa.estimate(ps, f, 321, t, eps, n_dirs=k, estimator="forward"):
+            z = np.concatenate([ref_z(p.seed, 0, n1, "gaussian"), 3.0 * ref_z(p.seed, 1, theta.size - n1, "gaussian")])
+            samples.append(p.g * z.astype(np.float64))
+    samples = np.array(samples)
+    se = samples.std(axis=0) / math.sqrt(len(samples))
+    want = grad * np.r_[np.ones(n1), 9.0 * np.ones(theta.size - n1)]
+    assert np.all(np.abs(samples.mean(axis=0) - want) < 5 * se + 1e-3)
+    assert np.mean(np.abs(samples.mean(axis=0)[n1:])) > 3 * np.mean(np.abs(grad[n1:]))  # the gain shows
+
+
 def _rowcol_ref(seed, tid, shape, dist="gaussian"):
     """z of a `rowcol` direction from the NumPy reference generator: (a[r] + b[c]) / √2."""
     a = ref_z(seed, zparams._ROW_STREAM + tid, shape[0], dist)

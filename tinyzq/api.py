@@ -280,7 +280,7 @@ def train(model: "Model | str", out: str, steps: int | None = None, minutes: flo
 
     `train`: 'scales' (per-group scales/zeros + norms), 'qv' or 'latent'; `options`: the fields of
     tinyzq.train.TrainConfig (lr, eps, n_dirs, estimator, dist, schedule, warmup, clip, normalize,
-    layers_per_step, layers_per_dir, directions, batch, ctx, seed, eval_every, val_windows, save_every, text,
+    layers_per_step, layers_per_dir, directions, gains, batch, ctx, seed, eval_every, val_windows, save_every, text,
     teacher, kd_topk, kd_alpha).
     The trained model is `out/model` (`tinyzq.load(out)` opens it). Returns the report dict."""
     from .train import run

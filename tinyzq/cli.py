@@ -166,6 +166,20 @@ def cmd_generate(args):
     sys.stdout.write("\n")
 
 
+def _gains(items):
+    """--gain PART=X (repeatable) -> {part: X}; values are checked by the training config."""
+    out = {}
+    for it in items or []:
+        part, sep, val = it.partition("=")
+        if not sep:
+            raise TinyzqError(f"--gain {it!r}: expected PART=X, e.g. --gain norms=4")
+        try:
+            out[part.strip()] = float(val)
+        except ValueError:
+            raise TinyzqError(f"--gain {it!r}: {val!r} is not a number") from None
+    return out or None
+
+
 def cmd_train(args):
     from . import api
 
@@ -173,6 +187,7 @@ def cmd_train(args):
                                           "directions", "batch", "ctx", "seed", "eval_every", "val_windows", "save_every", "text",
                                           "teacher", "kd_topk", "kd_alpha")}
     opts["normalize"] = not args.raw_gradient
+    opts["gains"] = _gains(args.gain)
     if args.resume:  # the run's own settings are kept; only the budget may change
         opts = {}
     elif not os.path.exists(args.model):
@@ -307,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--directions", choices=["dense", "rowcol"], default="dense",
                    help="random directions: dense (every value its own draw) or rowcol (a 2-D tensor's z is a "
                         "per-row plus a per-column draw: far fewer dimensions per direction)")
+    s.add_argument("--gain", action="append", metavar="PART=X",
+                   help="scale the random directions on one part of the trainable set by X (repeatable; parts: "
+                        "scales, zeros, norms, final_norm, latent, weights; default 1): the expected update "
+                        "there is X^2 times the gradient, a diagonal preconditioner")
     s.add_argument("--text", metavar="FILE", help=".txt, .jsonl with 'text', or chat .jsonl with 'messages' "
                    "(default: the default corpus); split 90/10 into training/validation")
     s.add_argument("--ctx", type=_positive(int), default=512)

@@ -76,6 +76,7 @@ class TrainConfig:
     layers_per_step: int = 0       # 0 = perturb every layer; k = a random subset of k layers per step
     layers_per_dir: int | None = None  # forward: each direction its own random k layer slots (0 = all)
     directions: str = "dense"      # dense | rowcol (z of a 2-D tensor = row draw + column draw)
+    gains: dict | None = None      # {part: g}: directions scaled by g on that part (zo.params.PARTS)
     batch: int = 2
     ctx: int = 512
     seed: int = 0
@@ -89,7 +90,7 @@ class TrainConfig:
 
     def check(self) -> None:
         from .zo.optim import SCHEDULES
-        from .zo.params import MODES, check_directions
+        from .zo.params import MODES, check_directions, check_gains
         from .zo.spsa import ESTIMATORS
 
         if self.train not in MODES:
@@ -105,6 +106,7 @@ class TrainConfig:
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise TinyzqError(f"--{name} must be a positive number, not {v!r}")
         check_directions(self.directions)
+        check_gains(self.gains)
         if self.estimator not in ESTIMATORS:
             raise TinyzqError(f"--estimator {self.estimator!r} is unknown; choose one of: {', '.join(ESTIMATORS)}")
         if self.layers_per_dir and self.estimator != "forward":
@@ -427,7 +429,7 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                                      for t in range(1, cfg.steps + 1)] or [np.zeros(0, np.int64)])
         teacher = TeacherCache(os.path.join(out, "teacher"), cfg.teacher, train_win, cfg.kd_topk, needed, progress)
 
-    params = zparams.build(model, cfg.train, cfg.directions)
+    params = zparams.build(model, cfg.train, cfg.directions, cfg.gains)
     cfg = cfg.resolved(len(params.slots))
     opt = optim.ZOSGD(cfg.learning_rate, cfg.schedule, cfg.warmup, cfg.steps, cfg.normalize, cfg.clip)
     step, seconds, tokens = 0, 0.0, 0
@@ -477,7 +479,9 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
 
     _say(f"model {model.path or '(in memory)'}: {model.meta.get('bits')}-bit g{model.meta.get('group')}; "
          f"training {cfg.train!r}: {params.size:,} fp32 values in {len(params.entries)} tensors "
-         f"({params.flat.nbytes / 2**20:.1f} MiB), {cfg.directions} directions; lr {cfg.learning_rate:g}, eps {cfg.eps:g}, {cfg.n_dirs} "
+         f"({params.flat.nbytes / 2**20:.1f} MiB), {cfg.directions} directions"
+         + "".join(f", gain {k} {v:g}" for k, v in params.gains.items())
+         + f"; lr {cfg.learning_rate:g}, eps {cfg.eps:g}, {cfg.n_dirs} "
          f"direction(s)/step ({cfg.estimator} differences"
          + (f", {cfg.layers_per_dir} of {len(params.slots)} layer slots each" if cfg.layers_per_dir else "")
          + f"), batch {cfg.batch}x{ctx}; text {label}: {len(train_win)} training windows, "

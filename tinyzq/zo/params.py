@@ -55,13 +55,46 @@ def check_directions(directions: str) -> None:
         raise TinyzqError(f"--directions {directions!r} is unknown; choose one of: {', '.join(DIRECTIONS)}")
 
 
-class Entry:
-    __slots__ = ("name", "tid", "base", "live", "mult", "shape", "rowcol")
+# Parts of a trainable set that may get their own direction gain (`--gain PART=X`).
+PARTS = ("scales", "zeros", "norms", "final_norm", "latent", "weights")
 
-    def __init__(self, name, tid, base, live, mult, rowcol=False):
+
+def part_of(name: str) -> str:
+    """The part a trainable tensor belongs to, from its name."""
+    if name == "model.norm.weight":
+        return "final_norm"
+    if name.endswith("layernorm.weight"):
+        return "norms"
+    for p in ("scales", "zeros", "latent"):
+        if name.endswith("." + p):
+            return p
+    return "weights"
+
+
+def check_gains(gains) -> dict:
+    """{part: gain > 0}, validated (one-line errors)."""
+    out = {}
+    for k, v in dict(gains or {}).items():
+        if k not in PARTS:
+            raise TinyzqError(f"--gain {k}=...: unknown part; choose among: {', '.join(PARTS)}")
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise TinyzqError(f"--gain {k}={v!r}: not a number") from None
+        if not (math.isfinite(v) and v > 0):
+            raise TinyzqError(f"--gain {k}={v}: must be a positive number")
+        out[k] = v
+    return out
+
+
+class Entry:
+    __slots__ = ("name", "tid", "base", "live", "mult", "shape", "rowcol", "gain")
+
+    def __init__(self, name, tid, base, live, mult, rowcol=False, gain=1.0):
         self.name, self.tid, self.base, self.live, self.mult = name, tid, base, live, mult
         self.shape = base.shape
         self.rowcol = bool(rowcol) and base.ndim == 2
+        self.gain = float(gain)  # the direction's scale on this tensor: z ~ N(0, gain²)
 
 
 def rowcol_z(e: Entry, seed: int, dist: str) -> np.ndarray:
@@ -76,7 +109,10 @@ def rowcol_z(e: Entry, seed: int, dist: str) -> np.ndarray:
 
 
 def _axpy(e: Entry, src: np.ndarray, dst: np.ndarray, seed: int, a: float, dist: str) -> None:
-    """dst = src + a·z (mult: src + (a·z)·src) with the entry's kind of direction."""
+    """dst = src + a·gain·z (mult: src + (a·gain·z)·src) with the entry's kind of direction. Perturbation
+    and update both go through here, so a gain g makes the expected update g²·∇ on that tensor (a
+    diagonal preconditioner) and its perturbation g·ε."""
+    a = a * e.gain
     if not e.rowcol:
         kernels.rng_axpy(src, dst, seed, e.tid, a, dist, e.mult)
         return
@@ -96,11 +132,13 @@ class Unit:
 
 
 class ParamSet:
-    def __init__(self, specs: list, mode: str = "custom", directions: str = "dense"):
+    def __init__(self, specs: list, mode: str = "custom", directions: str = "dense", gains: dict | None = None):
         """specs: list of (layer, [(name, live_array_or_None, init_values, mult)], requant_fn_or_None).
-        directions: `dense` (z i.i.d. per value) or `rowcol` (2-D tensors draw z[r, c] = (a[r] + b[c])/√2)."""
+        directions: `dense` (z i.i.d. per value) or `rowcol` (2-D tensors draw z[r, c] = (a[r] + b[c])/√2).
+        gains: {part: g} scales the directions on that part's tensors (see part_of; default 1)."""
         check_directions(directions)
-        self.mode, self.directions = mode, directions
+        gains = check_gains(gains)
+        self.mode, self.directions, self.gains = mode, directions, gains
         total = sum(int(np.asarray(v).size) for _, ents, _ in specs for _, _, v, _ in ents)
         self.flat = np.empty(total, np.float32)
         self.units, self.entries = [], []
@@ -118,7 +156,8 @@ class ParamSet:
                     raise ValueError(f"{name}: live tensor must be C-contiguous float32 {init.shape}")
                 if live is None:
                     scratch = max(scratch, init.size)
-                e = Entry(name, len(self.entries), base, live, bool(mult), directions == "rowcol")
+                e = Entry(name, len(self.entries), base, live, bool(mult), directions == "rowcol",
+                          gains.get(part_of(name), 1.0))
                 es.append(e)
                 self.entries.append(e)
             self.units.append(Unit(int(layer), es, requant))
@@ -184,7 +223,7 @@ class ParamSet:
 
     def describe(self) -> dict:
         return {"mode": self.mode, "directions": self.directions, "values": self.size, "tensors": len(self.entries),
-                "base_mib": self.flat.nbytes / 2**20}
+                "base_mib": self.flat.nbytes / 2**20, "gains": dict(self.gains)}
 
 
 # ------------------------------------------------------------------------------------------ modes
@@ -224,7 +263,7 @@ def _requantizer(lin: PackedLinear):
     return requant
 
 
-def build(model, mode: str = "scales", directions: str = "dense") -> ParamSet:
+def build(model, mode: str = "scales", directions: str = "dense", gains: dict | None = None) -> ParamSet:
     """The trainable set of `model` (an api.Model whose decoder linears are packed) for `mode`.
 
     `qv` replaces the Q and V PackedLinears of model.weights by FloatLinears and rebuilds model.net.
@@ -263,7 +302,7 @@ def build(model, mode: str = "scales", directions: str = "dense") -> ParamSet:
                                   (name + ".scales", w.scales, w.scales, True),
                                   (name + ".zeros", w.zeros, w.zeros, False)], _requantizer(w)))
         specs += _norm_specs(weights, cfg)
-    return ParamSet(specs, mode, directions)
+    return ParamSet(specs, mode, directions, gains)
 
 
 def from_arrays(arrays: dict, mult: dict | None = None, directions: str = "dense") -> ParamSet:
