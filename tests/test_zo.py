@@ -268,8 +268,7 @@ def test_gains_scale_perturbation_and_update_of_their_part_only():
               "model.norm.weight": rng.uniform(0.5, 2, 64).astype(np.float32)}
     mult = {k: not k.endswith("zeros") for k in arrays}
     base = {k: v.copy() for k, v in arrays.items()}
-    ps = zparams.ParamSet([(-1, [(k, v, v, mult[k])], None) for k, v in arrays.items()], "custom",
-                          gains={"final_norm": 4.0, "zeros": 0.5})
+    ps = zparams.from_arrays(arrays, mult, gains={"final_norm": 4.0, "zeros": 0.5})
     assert [e.gain for e in ps.entries] == [1.0, 0.5, 4.0]
     ps.perturb(77, 1e-2)
     for tid, (k, v) in enumerate(arrays.items()):
@@ -298,8 +297,7 @@ def test_gains_precondition_the_expectation():
     a, b, theta = _quadratic(seed=8)
     n1 = theta.size // 2
     t1, t2 = theta[:n1].copy(), theta[n1:].copy()
-    ps = zparams.ParamSet([(-1, [("x.scales", t1, t1, False)], None), (-1, [("x.zeros", t2, t2, False)], None)],
-                          "custom", gains={"zeros": 3.0})
+    ps = zparams.from_arrays({"x.scales": t1, "x.zeros": t2}, gains={"zeros": 3.0})
     grad = a * theta.astype(np.float64) + b
 
     def f(sign):

@@ -305,7 +305,9 @@ def build(model, mode: str = "scales", directions: str = "dense", gains: dict | 
     return ParamSet(specs, mode, directions, gains)
 
 
-def from_arrays(arrays: dict, mult: dict | None = None, directions: str = "dense") -> ParamSet:
+def from_arrays(arrays: dict, mult: dict | None = None, directions: str = "dense",
+                gains: dict | None = None) -> ParamSet:
     """A ParamSet over plain fp32 arrays (tests, custom objectives): each array is its own unit."""
     mult = mult or {}
-    return ParamSet([(-1, [(k, v, v, mult.get(k, False))], None) for k, v in arrays.items()], "custom", directions)
+    return ParamSet([(-1, [(k, v, v, mult.get(k, False))], None) for k, v in arrays.items()], "custom", directions,
+                    gains)
