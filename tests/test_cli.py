@@ -200,6 +200,35 @@ def test_gptq_damp_and_act_order_flags(tiny_hf_dir, text_file, tmp_path):
     assert any(not np.array_equal(cli[k], dflt[k]) for k in cli if k.endswith(".codes"))
 
 
+def test_chat_calibration_uses_the_models_template(tiny_hf_dir, tmp_path):
+    """--calib with chat .jsonl records calibrates on the records rendered by SRC's chat template (an
+    instruct model's chat tokens then reach the calibration statistics), in quantize and bench quality."""
+    import tinyzq
+    from safetensors.numpy import load_file
+    from tinyzq.data import default_text
+
+    paras = [p for p in default_text()[:6000].split("\n\n") if p.strip()][:6]
+    chats = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": p}]
+             for i, p in enumerate(paras)]
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": m}) for m in chats) + "\n")
+    common = ("--bits", 3, "--group", 32, "--method", "gptq", "--calib", f, "--calib-tokens", 256)
+    run("quantize", tiny_hf_dir, tmp_path / "cli", *common)
+    tok = tinyzq.load(str(tiny_hf_dir)).tokenizer
+    rendered = "\n\n".join(tok.apply_chat_template(m, add_generation_prompt=False) for m in chats)
+    assert "<|im_start|>assistant" in rendered
+    tinyzq.quantize(str(tiny_hf_dir), str(tmp_path / "api"), 3, 32, "gptq", calib_text=rendered, calib_tokens=256)
+    plain = "\n\n".join(f"Question {i}?\n\n{p}" for i, p in enumerate(paras))
+    tinyzq.quantize(str(tiny_hf_dir), str(tmp_path / "plain"), 3, 32, "gptq", calib_text=plain, calib_tokens=256)
+    cli, api, other = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api", "plain"))
+    assert all(np.array_equal(cli[k], api[k]) for k in cli)
+    assert any(not np.array_equal(cli[k], other[k]) for k in cli if k.endswith(".codes"))
+    bench = tmp_path / "q.json"
+    run("bench", "quality", tiny_hf_dir, "--bits", 3, "--groups", 32, "--methods", "gptq", "--calib", f,
+        "--calib-tokens", 256, "--ctx", 64, "--max-windows", 2, "--json", bench)
+    assert json.loads(bench.read_text())["cells"]
+
+
 def test_blockzo_steps_flag(tiny_hf_dir, text_file, tmp_path):
     """--blockzo-steps reaches blockzo: the CLI model equals the API's with the same steps and differs from
     the default number of steps."""

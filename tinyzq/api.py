@@ -199,12 +199,14 @@ def calib_token_windows(m: "Model", text: str | None = None, windows: int | None
 
 def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str = "search",
              progress: bool = True, calib_text: str | None = None, calib_windows: int | None = None,
-             x_stats: dict | None = None, calib_tokens: int | None = None, options: dict | None = None) -> Model:
+             x_stats: dict | None = None, calib_tokens: int | None = None, options: dict | None = None,
+             calib_file: str | None = None) -> Model:
     """Quantize the decoder linears of SRC (GGUF / HF dir / float .tzq) to `bits`; embeddings/lm_head to 8 bits.
 
     `method`: rtn, search, awq, gptq, blockzo or a '+' combination (tinyzq.quant.blockwise). Calibrated
     methods run block by block on calibration text (`calib_text`, default the default corpus's training
-    split; `calib_tokens` tokens or `calib_windows` windows of 512). `search` with precomputed `x_stats`
+    split, or the file `calib_file`: .txt, .jsonl with "text", or chat .jsonl rendered with SRC's chat
+    template; `calib_tokens` tokens or `calib_windows` windows of 512). `search` with precomputed `x_stats`
     (from `calibrate`) uses those float-model statistics instead. `options`: keyword options for the
     block-wise driver (gptq_options, awq_options, blockzo_options). Returns the quantized Model; writes it
     to `out` when given.
@@ -226,6 +228,12 @@ def quantize(src: str, out: str | None, bits: int, group: int = 64, method: str 
     m = load(src)
     if m.meta.get("tensors"):
         raise TinyzqError(f"{src}: already quantized ({m.meta.get('bits')}-bit); quantize from the float source")
+    if calib_file is not None:
+        if calib_text is not None:
+            raise TinyzqError("give calib_text or calib_file, not both")
+        from .data import read_text
+
+        calib_text = read_text(calib_file, render_chat=m.tokenizer.chat_renderer())
     cfg = m.cfg
     for name, shape in weight_shapes(cfg).items():  # check every width before spending minutes
         if is_block_linear(name):

@@ -60,12 +60,11 @@ def _cell(spec: dict) -> dict:
     from .sysinfo import peak_rss_mb
 
     t0, c0 = time.perf_counter(), time.process_time()
-    calib = data.read_text(spec["calib"]) if spec.get("calib") else None
     if spec["method"] == "float":
         m = api.load(spec["src"])
     else:
         m = api.quantize(spec["src"], None, spec["bits"], spec["group"], spec["method"], progress=False,
-                         calib_text=calib, calib_tokens=spec.get("calib_tokens"))
+                         calib_file=spec.get("calib"), calib_tokens=spec.get("calib_tokens"))
     out = {"quantize_seconds": time.perf_counter() - t0, "quantize_cpu_seconds": time.process_time() - c0,
            "peak_rss_mb": peak_rss_mb()}
     text = data.read_text(spec["text"]) if spec.get("text") else data.split_text(data.default_text())[1]
@@ -120,7 +119,7 @@ def run(args) -> dict:
     if args.calib:
         from .data import read_text
 
-        read_text(args.calib)
+        read_text(args.calib, render_chat=lambda msgs: "-")  # fail fast; each cell renders chat with SRC's template
     if args.ctx < 2 or args.max_windows < 1:
         raise TinyzqError("--ctx must be >= 2 and --max-windows >= 1")
     base = {"src": os.path.abspath(args.src), "text": args.text and os.path.abspath(args.text),

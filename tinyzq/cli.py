@@ -86,11 +86,6 @@ def cmd_quantize(args):
     from .api import quantize
     from .errors import TinyzqError
 
-    calib_text = None
-    if args.calib is not None:
-        from .data import read_text
-
-        calib_text = read_text(args.calib)
     if args.calib_tokens is not None and args.calib_windows is not None:
         raise TinyzqError("give --calib-tokens or --calib-windows, not both")
     from .quant.blockwise import parse_method
@@ -107,7 +102,7 @@ def cmd_quantize(args):
         if not plan.blockzo:
             raise TinyzqError(f"--blockzo-steps applies to the blockzo methods, not --method {args.method}")
         options["blockzo_options"] = {"steps": args.blockzo_steps}
-    m = quantize(args.src, args.out, args.bits, args.group, args.method, calib_text=calib_text,
+    m = quantize(args.src, args.out, args.bits, args.group, args.method, calib_file=args.calib,
                  calib_windows=args.calib_windows, calib_tokens=args.calib_tokens, options=options or None)
     d = m.describe()
     print(f"wrote {args.out}: W{args.bits}g{args.group} {m.meta.get('method')}, {d['packed_tensors']} packed tensors, "

@@ -183,6 +183,13 @@ class Tokenizer:
         return self._tok.id_to_token(int(i))
 
     # ------------------------------------------------------------------ chat
+    def chat_renderer(self):
+        """`render_chat` for `data.read_text` (chat .jsonl records through this model's template), or
+        None when the model has no chat template."""
+        if not self.chat_template:
+            return None
+        return lambda msgs: self.apply_chat_template(msgs, add_generation_prompt=False)
+
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             **kwargs) -> str:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) with the model's chat template,

@@ -170,10 +170,7 @@ def load_texts(tokenizer, path: str | None) -> tuple:
     if path is None:
         text, label = data.default_text(), "default corpus (pydoc_data.topics)"
     else:
-        render = None
-        if getattr(tokenizer, "chat_template", None):
-            render = lambda msgs: tokenizer.apply_chat_template(msgs, add_generation_prompt=False)  # noqa: E731
-        text, label = data.read_text(path, render_chat=render), path
+        text, label = data.read_text(path, render_chat=tokenizer.chat_renderer()), path
     tr, va = data.split_text(text)
     return np.asarray(tokenizer.encode(tr)), np.asarray(tokenizer.encode(va)), label
 
