@@ -62,8 +62,10 @@ def test_other_modes_run_and_resume_model(tiny_w3, tmp_path, mode):
 @pytest.mark.parametrize("estimator", ["central", "forward"])
 def test_resume_continues_exactly(tiny_w3, tmp_path, estimator):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    tinyzq.train(tiny_w3, a, steps=6, save_every=2, n_dirs=2, estimator=estimator, **FAST)
-    tinyzq.train(tiny_w3, b, steps=3, save_every=2, n_dirs=2, estimator=estimator, **FAST)  # checkpoint at 3
+    # constant lr: the resumed run extends the budget from 3 to 6 steps, which would stretch a decay
+    const = dict(schedule="constant", save_every=2, n_dirs=2, estimator=estimator, **FAST)
+    tinyzq.train(tiny_w3, a, steps=6, **const)
+    tinyzq.train(tiny_w3, b, steps=3, **const)  # checkpoint at 3
     if estimator == "central":  # a checkpoint written before the forward estimator existed resumes as central
         sp = os.path.join(b, "checkpoint", "state.json")
         st = json.load(open(sp))
@@ -88,16 +90,62 @@ def test_resume_with_gains_continues_exactly(tiny_w3, tmp_path):
     they change the run (the same seed without them gives other losses)."""
     a, b, c = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")
     g = {"norms": 4.0, "zeros": 0.5}
-    tinyzq.train(tiny_w3, a, steps=4, save_every=2, n_dirs=2, gains=g, **FAST)
-    tinyzq.train(tiny_w3, b, steps=2, save_every=2, n_dirs=2, gains=g, **FAST)
+    const = dict(schedule="constant", save_every=2, n_dirs=2, **FAST)  # the budget grows on resume
+    tinyzq.train(tiny_w3, a, steps=4, gains=g, **const)
+    tinyzq.train(tiny_w3, b, steps=2, gains=g, **const)
     tinyzq.train(tiny_w3, b, steps=4, resume=True, progress=False)
-    tinyzq.train(tiny_w3, c, steps=4, save_every=2, n_dirs=2, **FAST)
+    tinyzq.train(tiny_w3, c, steps=4, **const)
     la, lb, lc = _steps(a), _steps(b), _steps(c)
     assert [x["loss_plus"] for x in la] == [y["loss_plus"] for y in lb]
     assert [x["loss_plus"] for x in la] != [y["loss_plus"] for y in lc]
     assert json.load(open(os.path.join(b, "checkpoint", "state.json")))["config"]["gains"] == g
     assert np.array_equal(np.load(os.path.join(a, "checkpoint", "trainable.npy")),
                           np.load(os.path.join(b, "checkpoint", "trainable.npy")))
+
+
+def test_horizon_fits_the_time_left():
+    # 100 s left at 2 s per step, a 4 s validation every 10 steps and one at the end: 96 / 2.4 = 40 steps
+    assert trainmod._horizon(3, 100.0, 2.0, 4.0, 10) == 3 + 40
+    assert trainmod._horizon(3, 100.0, 2.0, 4.0, 0) == 3 + 48
+    assert trainmod._horizon(3, 1.0, 2.0, 4.0, 10) == 4  # at least one more step
+
+
+def test_time_budget_fixes_the_decay_length_and_resume_keeps_it(tiny_w3, tmp_path, monkeypatch):
+    """--minutes with a decaying schedule: the first steps run at the peak lr, then the run fixes the
+    decay's length from its step time (here forced to 8), keeps it in the checkpoint, decays to 0 and
+    stops there; a run stopped at step 5 resumes the same decay and matches the uninterrupted run."""
+    from tinyzq.zo.optim import lr_at
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    monkeypatch.setattr(trainmod, "_horizon", lambda *args: 8)
+    opts = dict(minutes=30, schedule="cosine", lr=1e-3, save_every=2, n_dirs=2, **FAST)
+    tinyzq.train(tiny_w3, a, **opts)
+    la = _steps(a)
+    assert [r["step"] for r in la] == list(range(1, 9))
+    assert [r["lr"] for r in la[:3]] == [1e-3] * 3
+    assert [r["lr"] for r in la[3:]] == [lr_at(t, 1e-3, "cosine", 0, 8) for t in range(4, 9)] and 0 < la[-1]["lr"] < 1e-4
+    assert json.load(open(os.path.join(a, "checkpoint", "state.json")))["config"]["horizon"] == 8
+
+    class StopAfter5(trainmod._Stop):  # a Ctrl-C during step 5
+        checks = 0
+
+        @property
+        def requested(self):
+            StopAfter5.checks += 1
+            return StopAfter5.checks > 5
+
+        @requested.setter
+        def requested(self, v):
+            pass
+
+    monkeypatch.setattr(trainmod, "_Stop", StopAfter5)
+    with pytest.raises(KeyboardInterrupt):
+        tinyzq.train(tiny_w3, b, **opts)
+    monkeypatch.undo()
+    monkeypatch.setattr(trainmod, "_horizon", lambda *args: pytest.fail("a resumed run keeps its decay length"))
+    tinyzq.train(tiny_w3, b, resume=True, minutes=30, progress=False)
+    lb = _steps(b)
+    assert [(r["step"], r["lr"], r["loss_plus"]) for r in lb] == [(r["step"], r["lr"], r["loss_plus"]) for r in la]
 
 
 def test_defaults_resolve_per_estimator():

@@ -384,12 +384,13 @@ def test_update_bitexact_with_rademacher():
 def test_schedules():
     assert optim.lr_at(1, 1.0) == 1.0
     assert optim.lr_at(5, 1.0, "constant", warmup=10) == 0.5
-    assert optim.lr_at(10, 1.0, "linear", total=10) == 0.0
-    assert abs(optim.lr_at(5, 1.0, "cosine", total=10) - 0.5) < 1e-12
-    assert abs(optim.lr_at(1, 1.0, "linear", total=11) - 10 / 11) < 1e-12
-    assert abs(optim.lr_at(12, 1.0, "linear", warmup=2, total=22) - 0.5) < 1e-12
-    with pytest.raises(TinyzqError):
-        optim.lr_at(1, 1.0, "cosine")
+    # decays start at the peak on the first step after warm-up and reach 0 one step after the last
+    assert abs(optim.lr_at(10, 1.0, "linear", total=10) - 0.1) < 1e-12
+    assert optim.lr_at(1, 1.0, "linear", total=11) == 1.0 and optim.lr_at(1, 1.0, "cosine", total=1) == 1.0
+    assert abs(optim.lr_at(6, 1.0, "cosine", total=10) - 0.5) < 1e-12
+    assert abs(optim.lr_at(13, 1.0, "linear", warmup=2, total=22) - 0.5) < 1e-12
+    assert optim.lr_at(2, 1.0, "cosine", warmup=2, total=22) == 1.0  # warm-up ends at the peak
+    assert optim.lr_at(1, 1.0, "cosine") == 1.0  # length not known yet (a time budget's first steps): the peak
     with pytest.raises(TinyzqError):
         optim.lr_at(1, 1.0, "step")
 

@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "g = (L+ - L0)/eps, K+1 passes instead of 2K; central: two passes per direction, "
                         "g = (L+ - L-)/2eps")
     s.add_argument("--dist", choices=["gaussian", "rademacher"], default="gaussian")
-    s.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="constant")
+    s.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="cosine",
+                   help="lr schedule; linear and cosine decay to 0 over --steps or the --minutes budget (default cosine)")
     s.add_argument("--warmup", type=_nonneg(int), default=0, help="linear warm-up steps")
     s.add_argument("--clip", type=_positive(float), default=3.0,
                    help="clip the projected gradient at CLIP x its running RMS (absolute with --raw-gradient)")

@@ -64,12 +64,13 @@ class TrainConfig:
     train: str = "scales"          # scales | qv | latent
     steps: int | None = None       # number of steps (or `minutes`)
     minutes: float | None = None   # time budget of this run (steps are then open-ended)
+    horizon: int | None = None     # with minutes and a decaying schedule: its length in steps, fixed by the run
     lr: float | None = None        # default: see resolved()
     eps: float = 1e-3
     n_dirs: int | None = None      # directions per step (default: 8 forward, 1 central)
     estimator: str = "forward"     # forward (K directions share one L0) | central (L+ − L− per direction)
     dist: str = "gaussian"         # gaussian | rademacher
-    schedule: str = "constant"     # constant | linear | cosine
+    schedule: str = "cosine"       # constant | linear | cosine (decays over --steps or the --minutes budget)
     warmup: int = 0
     clip: float | None = 3.0       # in RMS units when normalize, else absolute (ZeroQAT: 0.2/eps)
     normalize: bool = True
@@ -117,8 +118,8 @@ class TrainConfig:
             raise TinyzqError(f"--dist {self.dist!r} is unknown; choose gaussian or rademacher")
         if self.schedule not in SCHEDULES:
             raise TinyzqError(f"--schedule {self.schedule!r} is unknown; choose one of: {', '.join(SCHEDULES)}")
-        if self.schedule != "constant" and self.steps is None:
-            raise TinyzqError(f"--schedule {self.schedule} needs --steps (the length of the decay)")
+        if self.schedule != "constant" and self.steps is None and self.minutes is None:
+            raise TinyzqError(f"--schedule {self.schedule} needs --steps or --minutes (the length of the decay)")
         for name, lo in (("n_dirs", 1), ("batch", 1), ("ctx", 2), ("val_windows", 1), ("save_every", 1),
                          ("warmup", 0), ("eval_every", 0), ("layers_per_step", 0), ("layers_per_dir", 0),
                          ("kd_topk", 1)):
@@ -173,6 +174,16 @@ def load_texts(tokenizer, path: str | None) -> tuple:
         text, label = data.read_text(path, render_chat=tokenizer.chat_renderer()), path
     tr, va = data.split_text(text)
     return np.asarray(tokenizer.encode(tr)), np.asarray(tokenizer.encode(va)), label
+
+
+HORIZON_PROBE_STEPS = 3  # steps timed before a time budget's decay length is fixed
+
+
+def _horizon(step: int, left: float, step_seconds: float, val_seconds: float, eval_every: int) -> int:
+    """Steps of a decaying schedule that fit `left` seconds: each step costs its time plus its share of
+    the validations, and the final validation must fit too."""
+    per_step = step_seconds + (val_seconds / eval_every if eval_every else 0.0)
+    return step + max(1, int((left - val_seconds) / per_step))
 
 
 def batch_indices(seed: int, step: int, n_windows: int, batch: int) -> np.ndarray:
@@ -428,7 +439,7 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
 
     params = zparams.build(model, cfg.train, cfg.directions, cfg.gains)
     cfg = cfg.resolved(len(params.slots))
-    opt = optim.ZOSGD(cfg.learning_rate, cfg.schedule, cfg.warmup, cfg.steps, cfg.normalize, cfg.clip)
+    opt = optim.ZOSGD(cfg.learning_rate, cfg.schedule, cfg.warmup, cfg.steps or cfg.horizon, cfg.normalize, cfg.clip)
     step, seconds, tokens = 0, 0.0, 0
     log_path = os.path.join(out, "log.jsonl")
     if state is not None:
@@ -509,6 +520,8 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
             while True:
                 if cfg.steps is not None and step >= cfg.steps:
                     break
+                if cfg.steps is None and cfg.horizon is not None and step >= cfg.horizon:
+                    break  # the decay has reached 0: later steps would change nothing
                 if budget is not None:
                     el = time.perf_counter() - t_run
                     avg = np.mean(step_times[-10:]) if step_times else 0.0
@@ -567,6 +580,13 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                     _save_checkpoint(out, model, params, opt, cfg, step, seconds, tokens, meta_extra)
                     last_saved = step
                 avg = float(np.mean(step_times[-10:]))
+                if (opt.total is None and cfg.schedule != "constant" and budget is not None
+                        and len(step_times) == HORIZON_PROBE_STEPS):
+                    cfg.horizon = opt.total = _horizon(step, budget - (time.perf_counter() - t_run), avg,
+                                                       t_val, cfg.eval_every)
+                    bar.total = cfg.horizon
+                    _say(f"the {cfg.schedule} schedule decays over {cfg.horizon} steps (the time budget at "
+                         f"{avg:.1f} s per step)", progress)
                 eta = ""
                 if cfg.steps is None and budget is not None:
                     eta = f"{max(0.0, budget - (time.perf_counter() - t_run)) / 60:.1f}m"
@@ -593,7 +613,7 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
             f.write(json.dumps(vrow) + "\n")
     if step != last_saved:
         _save_checkpoint(out, model, params, opt, cfg, step, seconds, tokens, meta_extra)
-    meta_extra["trained"].update({"steps": step, "val_ppl": val_hist[-1]["val_ppl"]})
+    meta_extra["trained"].update({"steps": step, "val_ppl": val_hist[-1]["val_ppl"], "config": dataclasses.asdict(cfg)})
     _save_model(os.path.join(out, "model"), model, meta_extra)
     report = _report(out, model, cfg, params, val_hist, _read_log(log_path), step, seconds, tokens, label,
                      len(train_win), ctx, setup_seconds)

@@ -9,8 +9,10 @@
 The update is applied to the ParamSet's base values by the same C routine as the perturbation
 (`base += c·z`, relative for scale-like tensors), with c = −lr_t·ĝ/K in fp32.
 
-Schedules: constant, linear (to 0 at the last step), cosine (to 0); linear warm-up over `warmup` steps
-from lr/warmup. linear/cosine need the number of steps.
+Schedules: constant, linear and cosine (from the peak at the first step after warm-up to 0 one step
+after the last); linear warm-up over `warmup` steps
+from lr/warmup. linear/cosine need the number of steps; until it is known (a time budget's first
+steps) they give the peak lr.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ def lr_at(step: int, lr: float, schedule: str = "constant", warmup: int = 0, tot
         return lr * step / warmup
     if schedule == "constant":
         return lr
-    if not total:
-        raise TinyzqError(f"--schedule {schedule} needs a number of steps (--steps)")
-    frac = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
+    if not total:  # a time budget's first steps, before the run fixes the decay's length
+        return lr
+    # step warmup+1 takes the peak and the last step still moves (the decay reaches 0 one step later)
+    frac = min(1.0, max(0.0, (step - warmup - 1) / max(1, total - warmup)))
     if schedule == "linear":
         return lr * (1.0 - frac)
     return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
