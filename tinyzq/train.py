@@ -585,8 +585,9 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                     cfg.horizon = opt.total = _horizon(step, budget - (time.perf_counter() - t_run), avg,
                                                        t_val, cfg.eval_every)
                     bar.total = cfg.horizon
-                    _say(f"the {cfg.schedule} schedule decays over {cfg.horizon} steps (the time budget at "
-                         f"{avg:.1f} s per step)", progress)
+                    if progress:  # above the bar, not inside its line
+                        bar.write(f"[train] the {cfg.schedule} schedule decays over {cfg.horizon} steps (the time "
+                                  f"budget at {avg:.1f} s per step)")
                 eta = ""
                 if cfg.steps is None and budget is not None:
                     eta = f"{max(0.0, budget - (time.perf_counter() - t_run)) / 60:.1f}m"
