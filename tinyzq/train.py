@@ -518,10 +518,9 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
     try:
         with _Stop() as stop:
             while True:
-                if cfg.steps is not None and step >= cfg.steps:
+                end = cfg.steps if cfg.steps is not None else cfg.horizon  # a time budget's decay ends the run too
+                if end is not None and step >= end:
                     break
-                if cfg.steps is None and cfg.horizon is not None and step >= cfg.horizon:
-                    break  # the decay has reached 0: later steps would change nothing
                 if budget is not None:
                     el = time.perf_counter() - t_run
                     avg = np.mean(step_times[-10:]) if step_times else 0.0
