@@ -148,6 +148,29 @@ def test_time_budget_fixes_the_decay_length_and_resume_keeps_it(tiny_w3, tmp_pat
     assert [(r["step"], r["lr"], r["loss_plus"]) for r in lb] == [(r["step"], r["lr"], r["loss_plus"]) for r in la]
 
 
+def test_time_budget_refits_the_decay_at_checkpoints(tiny_w3, tmp_path, monkeypatch):
+    """Steps that slow down after the first three (a warm or throttling device) would end the budget
+    before the decay: the run re-fits the decay's length to the time left at each checkpoint, from then
+    on, and the checkpoint stores the new length. Here the fit says 8 steps, then 10 from step 4."""
+    from tinyzq.zo.optim import lr_at
+
+    calls = []
+
+    def horizon(step, *rest):
+        calls.append(step)
+        return 8 if len(calls) == 1 else 10
+
+    a = str(tmp_path / "a")
+    monkeypatch.setattr(trainmod, "_horizon", horizon)
+    tinyzq.train(tiny_w3, a, minutes=30, schedule="cosine", lr=1e-3, save_every=2, n_dirs=2, **FAST)
+    la = _steps(a)
+    assert calls == [3, 4, 6, 8]  # fixed after step 3, re-fitted at the saves before the decay's end
+    assert [r["step"] for r in la] == list(range(1, 11))
+    assert [r["lr"] for r in la[3:4]] == [lr_at(4, 1e-3, "cosine", 0, 8)]
+    assert [r["lr"] for r in la[4:]] == [lr_at(t, 1e-3, "cosine", 0, 10) for t in range(5, 11)]
+    assert json.load(open(os.path.join(a, "checkpoint", "state.json")))["config"]["horizon"] == 10
+
+
 def test_defaults_resolve_per_estimator():
     """Forward differences, 8 directions over all layers by default; lr 1e-3 per direction, times K
     (the update averages the directions), times √(slots/k) with k layer slots per direction; central

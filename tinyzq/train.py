@@ -64,7 +64,7 @@ class TrainConfig:
     train: str = "scales"          # scales | qv | latent
     steps: int | None = None       # number of steps (or `minutes`)
     minutes: float | None = None   # time budget of this run (steps are then open-ended)
-    horizon: int | None = None     # with minutes and a decaying schedule: its length in steps, fixed by the run
+    horizon: int | None = None     # with minutes and a decaying schedule: its length in steps, fitted by the run
     lr: float | None = None        # default: see resolved()
     eps: float = 1e-3
     n_dirs: int | None = None      # directions per step (default: 8 forward, 1 central)
@@ -512,6 +512,7 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
     bar = tqdm(total=cfg.steps, initial=step if cfg.steps else 0, desc=f"train {cfg.train}", unit="step",
                disable=not progress, dynamic_ncols=True, leave=True)
     step_times: list = []
+    fitted_here = False  # this run fixed the decay's length from its own step time (not a resumed run)
     last_saved = step
     interrupted = False
     logf = open(log_path, "a")
@@ -575,14 +576,25 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                     val_hist.append(vrow)
                     logf.write(json.dumps(vrow) + "\n")
                     logf.flush()
+                avg = float(np.mean(step_times[-10:]))
                 if t % cfg.save_every == 0:
+                    if fitted_here and cfg.steps is None and step < cfg.horizon:
+                        # Steps that slow down (a warm or throttling device) would end the budget before
+                        # the decay; re-fit its length to the time left, only here, so the checkpoint
+                        # holds the schedule a resumed run continues exactly.
+                        h = _horizon(step, budget - (time.perf_counter() - t_run), avg, t_val, cfg.eval_every)
+                        if h != cfg.horizon:
+                            if progress:
+                                bar.write(f"[train] the decay now ends at step {h}, not {cfg.horizon} "
+                                          f"({avg:.1f} s per step)")
+                            cfg.horizon = opt.total = bar.total = h
                     _save_checkpoint(out, model, params, opt, cfg, step, seconds, tokens, meta_extra)
                     last_saved = step
-                avg = float(np.mean(step_times[-10:]))
                 if (opt.total is None and cfg.schedule != "constant" and budget is not None
                         and len(step_times) == HORIZON_PROBE_STEPS):
                     cfg.horizon = opt.total = _horizon(step, budget - (time.perf_counter() - t_run), avg,
                                                        t_val, cfg.eval_every)
+                    fitted_here = True
                     bar.total = cfg.horizon
                     if progress:  # above the bar, not inside its line
                         bar.write(f"[train] the {cfg.schedule} schedule decays over {cfg.horizon} steps (the time "
