@@ -39,11 +39,11 @@ import numpy as np
 from .errors import TinyzqError
 from .sysinfo import peak_rss_mb
 
-DEFAULT_LR = {"scales": 1e-3, "qv": 1e-5, "latent": 1e-5}   # per direction over every trainable value
-# Forward differences under the cosine default peak at half that for scales: one-hour W3 runs (seed 0) at
-# half the peak closed 29.0% of the gap, dense and with 4 layer slots per direction, against 25.2 / 25.4%
-# at the full peak (seed 1 at half: 27.0%).
-FORWARD_PEAK = {"scales": 0.5}
+# Per direction over every trainable value, by estimator. Forward scales peak at 5e-4 under the cosine
+# default: one-hour W3 runs (seed 0) at 5e-4 closed 29.0% of the gap, dense and with 4 layer slots per
+# direction, against 25.2 / 25.4% at 1e-3 (seed 1 at 5e-4: 27.0%).
+DEFAULT_LR = {"forward": {"scales": 5e-4, "qv": 1e-5, "latent": 1e-5},
+              "central": {"scales": 1e-3, "qv": 1e-5, "latent": 1e-5}}
 # The defaults of the options that depend on the estimator (a None in TrainConfig).
 ESTIMATOR_DEFAULTS = {"forward": {"n_dirs": 8, "layers_per_dir": 0}, "central": {"n_dirs": 1, "layers_per_dir": 0}}
 STATE_VERSION = 1
@@ -147,11 +147,10 @@ class TrainConfig:
         """This config with the defaults filled in (what a checkpoint stores). `n_slots`: the layer slots of
         the trainable set (decoder layers + the final norm).
 
-        Default lr: DEFAULT_LR per direction (times FORWARD_PEAK with forward differences), times K (the
-        update averages the K directions), times √(slots/k) with k layer slots per direction: a direction
-        over a fraction ρ of the values carries √ρ of a full direction's projected gradient (normalised
-        away by ĝ) and ρ of its curvature, so the step that makes the same expected progress per direction
-        is 1/√ρ longer."""
+        Default lr: DEFAULT_LR per direction, times K (the update averages the K directions), times
+        √(slots/k) with k layer slots per direction: a direction over a fraction ρ of the values carries
+        √ρ of a full direction's projected gradient (normalised away by ĝ) and ρ of its curvature, so the
+        step that makes the same expected progress per direction is 1/√ρ longer."""
         d = ESTIMATOR_DEFAULTS[self.estimator]
         n_dirs = d["n_dirs"] if self.n_dirs is None else self.n_dirs
         per_dir = d["layers_per_dir"] if self.layers_per_dir is None else self.layers_per_dir
@@ -160,13 +159,12 @@ class TrainConfig:
         lr = self.lr
         if lr is None:
             k = min(per_dir, n_slots) if per_dir else n_slots
-            peak = FORWARD_PEAK.get(self.train, 1.0) if self.estimator == "forward" else 1.0
-            lr = DEFAULT_LR[self.train] * peak * n_dirs * math.sqrt(n_slots / max(1, k))
+            lr = DEFAULT_LR[self.estimator][self.train] * n_dirs * math.sqrt(n_slots / max(1, k))
         return dataclasses.replace(self, n_dirs=n_dirs, layers_per_dir=per_dir, lr=lr)
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.train]
+        return self.lr if self.lr is not None else DEFAULT_LR[self.estimator][self.train]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -582,9 +580,8 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                     val_hist.append(vrow)
                     logf.write(json.dumps(vrow) + "\n")
                     logf.flush()
-                avg = float(np.mean(step_times[-10:]))
                 if t % cfg.save_every == 0:
-                    if fitted_here and cfg.steps is None and step < cfg.horizon:
+                    if fitted_here and step < cfg.horizon:
                         # Steps that slow down (a warm or throttling device) would end the budget before
                         # the decay; re-fit its length to the time left, only here, so the checkpoint
                         # holds the schedule a resumed run continues exactly.
@@ -598,6 +595,7 @@ def run(model, out: str, cfg: TrainConfig | None = None, resume: bool = False, p
                             cfg.horizon = opt.total = bar.total = h
                     _save_checkpoint(out, model, params, opt, cfg, step, seconds, tokens, meta_extra)
                     last_saved = step
+                avg = float(np.mean(step_times[-10:]))
                 if (opt.total is None and cfg.schedule != "constant" and budget is not None
                         and len(step_times) == HORIZON_PROBE_STEPS):
                     cfg.horizon = opt.total = _horizon(step, budget - (time.perf_counter() - t_run), avg,
